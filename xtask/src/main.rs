@@ -1,0 +1,45 @@
+//! `cargo xtask <task>`: the workspace's entry points.
+//!
+//! One module per task, each with its own `Options`. Every external command
+//! goes through [`exec`], so a failure names the command that failed.
+
+mod build_ebpf;
+mod exec;
+mod fuzz;
+mod run;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "mmproxy workspace tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Build the BPF object (installs rust-src and bpf-linker when missing).
+    BuildEbpf(build_ebpf::Options),
+    /// Build everything and run the daemon with the given flags.
+    Run(run::Options),
+    /// Format check, clippy with warnings denied, and every test.
+    Test(test::Options),
+    /// Run the PROXY protocol parser fuzzer for a bounded time.
+    Fuzz(fuzz::Options),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::BuildEbpf(opts) => build_ebpf::build_ebpf(&opts).map(|_| ()),
+        Task::Run(opts) => run::run(&opts),
+        Task::Test(opts) => test::test(&opts),
+        Task::Fuzz(opts) => fuzz::fuzz(&opts),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
