@@ -201,10 +201,8 @@ impl Header<'_> {
                         listener,
                     });
                 }
-                let (source, destination) = self
-                    .addresses
-                    .socket_addrs()
-                    .ok_or(Error::UnixAddresses)?;
+                let (source, destination) =
+                    self.addresses.socket_addrs().ok_or(Error::UnixAddresses)?;
                 Ok(Action::Spoof {
                     source: unmap(source),
                     destination: unmap(destination),
@@ -224,4 +222,26 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
         },
         SocketAddr::V4(_) => addr,
     }
+}
+
+/// The fuzz target's body (`fuzz/fuzz_targets/parse.rs`): parses, then
+/// checks the invariants a caller relies on. Panics on a violation.
+#[doc(hidden)]
+pub fn fuzz_parse(data: &[u8]) {
+    let Ok(Status::Complete(header, consumed)) = parse(data) else {
+        return;
+    };
+    assert!(consumed <= data.len(), "consumed past the input");
+    for tlv in header.tlvs.parsed() {
+        if let Tlv::Ssl(ssl) = tlv {
+            let _ = ssl.sub_tlvs.iter().count();
+        }
+    }
+    let _ = header.action(Transport::Stream);
+    let _ = header.action(Transport::Datagram);
+    // The header alone, without what followed it, parses the same.
+    assert_eq!(
+        parse(&data[..consumed]),
+        Ok(Status::Complete(header, consumed))
+    );
 }

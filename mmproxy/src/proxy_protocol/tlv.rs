@@ -249,7 +249,9 @@ pub(super) fn validate<'a>(
 /// Spec 2.2.5: CRC32c over the whole header with the checksum field zeroed.
 fn check_crc32c(header: &[u8], value_at: usize, value: &[u8]) -> Result<(), Error> {
     let expected = <[u8; 4]>::try_from(value).map_err(|_| Error::V2Crc32cLength)?;
-    let (before, rest) = header.split_at_checked(value_at).ok_or(Error::V2TlvTruncated)?;
+    let (before, rest) = header
+        .split_at_checked(value_at)
+        .ok_or(Error::V2TlvTruncated)?;
     let after = rest.get(4..).ok_or(Error::V2TlvTruncated)?;
     let mut crc = crc32c::crc32c(before);
     crc = crc32c::crc32c_append(crc, &[0; 4]);

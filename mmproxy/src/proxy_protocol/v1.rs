@@ -16,11 +16,11 @@ use super::{
 /// Parses a v1 header; `buf` starts with the whole v1 signature.
 pub(super) fn parse(buf: &[u8]) -> Result<Status<'_>, Error> {
     let Some(line_len) = find_line_end(buf)? else {
-        return if buf.len() >= V1_MAX_LEN {
-            Err(Error::V1TooLong)
-        } else {
-            Ok(Status::Incomplete)
-        };
+        if buf.len() >= V1_MAX_LEN {
+            return Err(Error::V1TooLong);
+        }
+        check_protocol_prefix(buf.get(V1_SIGNATURE.len()..).unwrap_or_default())?;
+        return Ok(Status::Incomplete);
     };
     // `line_len` counts up to the CR; the header ends after the LF.
     let consumed = line_len + 2;
@@ -54,6 +54,21 @@ pub(super) fn parse(buf: &[u8]) -> Result<Status<'_>, Error> {
         tlvs: Tlvs::EMPTY,
     };
     Ok(Status::Complete(header, consumed))
+}
+
+/// Fails a partial line whose protocol field can no longer become
+/// `TCP4`, `TCP6` or `UNKNOWN`, so garbage is refused without waiting.
+fn check_protocol_prefix(partial: &[u8]) -> Result<(), Error> {
+    const PROTOCOLS: [&[u8]; 3] = [b"TCP4", b"TCP6", b"UNKNOWN"];
+    let possible = match partial.iter().position(|&b| b == b' ' || b == b'\r') {
+        Some(end) => PROTOCOLS.contains(&&partial[..end]),
+        None => PROTOCOLS.iter().any(|p| p.starts_with(partial)),
+    };
+    if possible {
+        Ok(())
+    } else {
+        Err(Error::V1BadProtocol)
+    }
 }
 
 /// Finds the CR of the terminating CRLF within the first 107 bytes.
@@ -127,12 +142,16 @@ pub fn encode(
             out.extend_from_slice(b"PROXY UNKNOWN\r\n");
             return Ok(());
         }
-        Some((SocketAddr::V4(s), SocketAddr::V4(d))) => {
-            (("TCP4", s.ip().to_string(), d.ip().to_string()), s.port(), d.port())
-        }
-        Some((SocketAddr::V6(s), SocketAddr::V6(d))) => {
-            (("TCP6", s.ip().to_string(), d.ip().to_string()), s.port(), d.port())
-        }
+        Some((SocketAddr::V4(s), SocketAddr::V4(d))) => (
+            ("TCP4", s.ip().to_string(), d.ip().to_string()),
+            s.port(),
+            d.port(),
+        ),
+        Some((SocketAddr::V6(s), SocketAddr::V6(d))) => (
+            ("TCP6", s.ip().to_string(), d.ip().to_string()),
+            s.port(),
+            d.port(),
+        ),
         Some(_) => return Err(MixedFamilies),
     };
     let ((proto, src, dst), sport, dport) = line;
