@@ -51,7 +51,7 @@ pub struct KernelOffsets {
     /// overlap guard is off and the verdict passes nothing it cannot check.
     pub valid: u32,
     /// Keeps the struct size a multiple of 8 on both sides.
-    pub _pad: u32,
+    pub padding: u32,
 }
 
 /// Slots of [`COUNTERS_MAP`].
@@ -110,6 +110,7 @@ impl Counter {
 }
 
 /// Number of slots in [`COUNTERS_MAP`].
+#[expect(clippy::cast_possible_truncation, reason = "nine counters fit any u32")]
 pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
 
 // The kernel side and userspace must agree on these layouts byte for byte.

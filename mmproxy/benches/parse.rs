@@ -48,7 +48,7 @@ fn ours(bytes: &[u8]) -> usize {
 fn ppp(bytes: &[u8]) -> usize {
     match ppp::HeaderResult::parse(bytes) {
         ppp::HeaderResult::V1(Ok(h)) => h.header.len(),
-        ppp::HeaderResult::V2(Ok(h)) => h.len() + h.tlvs().filter(Result::is_ok).count(),
+        ppp::HeaderResult::V2(Ok(h)) => h.len() + h.tlvs().flatten().count(),
         _ => panic!("benchmark header did not parse with ppp"),
     }
 }

@@ -1,7 +1,23 @@
 //! mmproxy: preserves client addresses behind PROXY-protocol load balancers.
 //!
 //! # Layout
-//! The path of a connection, in file order:
-//! - [`proxy_protocol`]: the pure PROXY v1/v2 parser and encoder.
+//! The path of a TCP connection, in the order it meets the modules:
+//! - [`cli`], [`config`]: flags (go-mmproxy compatible) become a [`config::Config`].
+//! - [`server`]: opens the listeners, runs until shutdown, drains.
+//! - [`listener`]: accept loops, the allowed-subnets check, the connection cap.
+//! - [`connection`]: reads the PROXY header ([`proxy_protocol`], a pure
+//!   parser), decides where to connect and as whom.
+//! - [`upstream`]: the spoofed (IP_TRANSPARENT) socket to the backend.
+//! - [`forward`]: moves the bytes, [`forward::splice`] in userspace.
+//!
+//! [`error::Side`] names whose fault a failure is, in every subsystem.
 
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod forward;
+pub mod listener;
 pub mod proxy_protocol;
+pub mod server;
+pub mod upstream;

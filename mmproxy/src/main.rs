@@ -1,1 +1,92 @@
-fn main() {}
+//! The `mmproxy` binary: parses flags, sets up logging and limits, runs
+//! the server until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use mmproxy::{cli::Cli, config::Config, server};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_or_exit(std::env::args_os());
+    init_logging(cli.verbose);
+    let config = match Config::from_cli(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mmproxy: {}", mmproxy::connection::error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    raise_nofile_limit();
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mmproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        server::run(config, shutdown).await?;
+        info!("exiting");
+        Ok(())
+    })
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
+
+/// `-v 0`: start-up, shutdown and problems of the daemon itself; `-v 1`:
+/// also per-connection errors (debug); `-v 2`: every connection's state
+/// changes (trace). `MMPROXY_LOG` (an `EnvFilter`) overrides.
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = std::env::var("MMPROXY_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(format!("warn,mmproxy={level}")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Each connection takes two sockets and up to four pipe ends; the soft
+/// limit of 1024 would cap us near 200 connections.
+fn raise_nofile_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            warn!(error = %e, "cannot raise the open-files limit");
+        }
+    }
+}

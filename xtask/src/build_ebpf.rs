@@ -66,7 +66,10 @@ pub(crate) fn build_ebpf(opts: &Options) -> Result<PathBuf> {
         .join(profile)
         .join("mmproxy-ebpf");
     if !object.is_file() {
-        bail!("the BPF build succeeded but {} is missing", object.display());
+        bail!(
+            "the BPF build succeeded but {} is missing",
+            object.display()
+        );
     }
     Ok(object)
 }

@@ -10,7 +10,9 @@ use anyhow::{Context as _, Result, bail};
 /// Runs `cmd` with inherited stdio; an error names the command and its status.
 pub(crate) fn exec(cmd: &mut Command) -> Result<()> {
     let shown = describe(cmd);
-    let status = cmd.status().with_context(|| format!("could not start `{shown}`"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{shown}`"))?;
     if !status.success() {
         bail!("`{shown}` failed ({status})");
     }
@@ -20,7 +22,9 @@ pub(crate) fn exec(cmd: &mut Command) -> Result<()> {
 /// Runs `cmd` and returns its standard output, trimmed.
 pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let shown = describe(cmd);
-    let out = cmd.output().with_context(|| format!("could not start `{shown}`"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start `{shown}`"))?;
     if !out.status.success() {
         bail!(
             "`{shown}` failed ({}): {}",

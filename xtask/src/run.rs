@@ -20,15 +20,23 @@ pub(crate) struct Options {
 pub(crate) fn run(opts: &Options) -> Result<()> {
     build_ebpf(&build_ebpf::Options::default())?;
     let mut build = cargo(None);
-    build
-        .current_dir(workspace_root())
-        .args(["build", "--locked", "--package", "mmproxy", "--bin", "mmproxy"]);
+    build.current_dir(workspace_root()).args([
+        "build",
+        "--locked",
+        "--package",
+        "mmproxy",
+        "--bin",
+        "mmproxy",
+    ]);
     if !opts.debug {
         build.arg("--release");
     }
     exec(&mut build).context("building the daemon")?;
 
-    let help_only = opts.args.iter().any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version"));
+    let help_only = opts
+        .args
+        .iter()
+        .any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version"));
     if !help_only && !is_root() {
         bail!(
             "the daemon needs root, or CAP_NET_ADMIN (IP_TRANSPARENT, SO_MARK) and CAP_BPF \
@@ -37,6 +45,9 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
         );
     }
     let profile = if opts.debug { "debug" } else { "release" };
-    let binary = workspace_root().join("target").join(profile).join("mmproxy");
+    let binary = workspace_root()
+        .join("target")
+        .join(profile)
+        .join("mmproxy");
     exec(std::process::Command::new(binary).args(&opts.args))
 }

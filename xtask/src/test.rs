@@ -22,8 +22,12 @@ pub(crate) fn test(opts: &Options) -> Result<()> {
     build_ebpf(&build_ebpf::Options::default())?;
     let root = workspace_root();
 
-    exec(cargo(None).current_dir(&root).args(["fmt", "--all", "--check"]))
-        .context("formatting differs; run `cargo fmt --all`")?;
+    exec(
+        cargo(None)
+            .current_dir(&root)
+            .args(["fmt", "--all", "--check"]),
+    )
+    .context("formatting differs; run `cargo fmt --all`")?;
     exec(
         cargo(Some(build_ebpf::NIGHTLY))
             .current_dir(root.join("mmproxy-ebpf"))

@@ -1,4 +1,4 @@
-//! The PROXY protocol, versions 1 and 2, as HAProxy's `proxy-protocol.txt`
+//! The PROXY protocol, versions 1 and 2, as `HAProxy`'s `proxy-protocol.txt`
 //! specifies them: a pure parser and an encoder.
 //!
 //! [`parse`] looks at the bytes received so far and answers one of:

@@ -117,6 +117,10 @@ fn v1_every_truncation_is_incomplete() {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one table row per rule reads best as one table"
+)]
 fn v1_invalid() {
     let cases: &[(&[u8], Error)] = &[
         (
@@ -569,13 +573,13 @@ fn builder_refuses_what_it_cannot_encode() {
     );
     assert!(
         V2Builder::local()
-            .tlv(TlvType::NOOP, &[0; 65535])
+            .tlv(TlvType::NOOP, &vec![0; 65535])
             .build()
             .is_err()
     );
     assert!(
         V2Builder::local()
-            .tlv(TlvType::NOOP, &[0; 65532])
+            .tlv(TlvType::NOOP, &vec![0; 65532])
             .build()
             .is_ok()
     );
@@ -686,7 +690,7 @@ fn error_labels_are_distinct() {
 fn reencode(h: &Header<'_>) -> Option<Vec<u8>> {
     let (src, dst) = h.addresses.socket_addrs()?;
     let mut b = V2Builder::proxy(h.transport, src, dst);
-    for t in h.tlvs.iter() {
+    for t in &h.tlvs {
         b = b.tlv(t.kind, t.value);
     }
     b.build().ok()

@@ -191,6 +191,15 @@ impl<'a> Tlvs<'a> {
     }
 }
 
+impl<'a> IntoIterator for &Tlvs<'a> {
+    type Item = RawTlv<'a>;
+    type IntoIter = TlvIter<'a>;
+
+    fn into_iter(self) -> TlvIter<'a> {
+        self.iter()
+    }
+}
+
 /// Iterates raw TLVs. Stops at the end, or at the first malformed TLV
 /// (which [`validate`] has already ruled out for parsed headers).
 #[derive(Debug, Clone)]

@@ -125,23 +125,28 @@ fn parse_addresses(family: Family, block: &[u8]) -> Result<(Addresses<'_>, &[u8]
         // the whole block is TLVs.
         Family::Unspec => Addresses::Unspec,
         Family::Inet => {
-            let src = r.array::<4>().ok_or(short)?;
-            let dst = r.array::<4>().ok_or(short)?;
-            let sport = r.u16().ok_or(short)?;
-            let dport = r.u16().ok_or(short)?;
+            let source_ip = r.array::<4>().ok_or(short)?;
+            let destination_ip = r.array::<4>().ok_or(short)?;
+            let source_port = r.u16().ok_or(short)?;
+            let destination_port = r.u16().ok_or(short)?;
             Addresses::Inet {
-                source: SocketAddrV4::new(Ipv4Addr::from(*src), sport),
-                destination: SocketAddrV4::new(Ipv4Addr::from(*dst), dport),
+                source: SocketAddrV4::new(Ipv4Addr::from(*source_ip), source_port),
+                destination: SocketAddrV4::new(Ipv4Addr::from(*destination_ip), destination_port),
             }
         }
         Family::Inet6 => {
-            let src = r.array::<16>().ok_or(short)?;
-            let dst = r.array::<16>().ok_or(short)?;
-            let sport = r.u16().ok_or(short)?;
-            let dport = r.u16().ok_or(short)?;
+            let source_ip = r.array::<16>().ok_or(short)?;
+            let destination_ip = r.array::<16>().ok_or(short)?;
+            let source_port = r.u16().ok_or(short)?;
+            let destination_port = r.u16().ok_or(short)?;
             Addresses::Inet6 {
-                source: SocketAddrV6::new(Ipv6Addr::from(*src), sport, 0, 0),
-                destination: SocketAddrV6::new(Ipv6Addr::from(*dst), dport, 0, 0),
+                source: SocketAddrV6::new(Ipv6Addr::from(*source_ip), source_port, 0, 0),
+                destination: SocketAddrV6::new(
+                    Ipv6Addr::from(*destination_ip),
+                    destination_port,
+                    0,
+                    0,
+                ),
             }
         }
         Family::Unix => Addresses::Unix {

@@ -1,0 +1,247 @@
+//! The command line: go-mmproxy's flags, spelled its way too, plus ours.
+//!
+//! go-mmproxy uses Go's `flag` package, where long flags take one dash
+//! (`-mark 1`, `-allowed-subnets f`). [`normalize_args`] rewrites those to
+//! two dashes before clap sees them, so an operator can switch binaries
+//! without touching a unit file.
+
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, ValueEnum};
+
+/// Preserves client addresses behind PROXY-protocol load balancers.
+///
+/// Accepts connections (or datagrams) that start with a PROXY protocol v1
+/// or v2 header, and connects to the backend from the client's own address
+/// (IP_TRANSPARENT), so the backend sees the real client. Replies find
+/// their way back through a policy route; see `mmproxy check`.
+#[derive(Debug, Clone, Parser)]
+// A flag given twice takes its last value, as with go-mmproxy (and as a
+// systemd drop-in that appends flags expects).
+#[command(
+    name = "mmproxy",
+    version,
+    max_term_width = 100,
+    args_override_self = true
+)]
+pub struct Cli {
+    /// Address to listen on.
+    #[arg(
+        short = 'l',
+        long = "listen",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8443"
+    )]
+    pub listen: SocketAddr,
+
+    /// Backend for IPv4 clients.
+    #[arg(short = '4', long = "target4", value_name = "ADDR", default_value = "127.0.0.1:443",
+          value_parser = parse_ipv4_target)]
+    pub target4: SocketAddr,
+
+    /// Backend for IPv6 clients.
+    #[arg(short = '6', long = "target6", value_name = "ADDR", default_value = "[::1]:443",
+          value_parser = parse_ipv6_target)]
+    pub target6: SocketAddr,
+
+    /// Protocols to proxy: tcp, udp, or both as "tcp,udp" (same address).
+    #[arg(short = 'p', long = "protocol", value_name = "PROTO", default_value = "tcp",
+          value_parser = parse_protocols)]
+    pub protocols: Protocols,
+
+    /// 0: no per-connection logs; 1: per-connection errors; 2: every
+    /// connection's state changes (go-mmproxy's levels).
+    #[arg(short = 'v', long = "verbose", value_name = "LEVEL", default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub verbose: u8,
+
+    /// File of allowed client subnets (the balancers' addresses): one CIDR
+    /// per line, `#` comments and blank lines allowed. Connections from
+    /// elsewhere are closed before anything is read. A bad line, or a file
+    /// without subnets, stops start-up.
+    #[arg(long = "allowed-subnets", value_name = "FILE")]
+    pub allowed_subnets: Option<PathBuf>,
+
+    /// SO_MARK for upstream sockets (0: none), for policy routing to a
+    /// backend on another host.
+    #[arg(long = "mark", value_name = "N", default_value_t = 0)]
+    pub mark: u32,
+
+    /// Number of listening sockets (SO_REUSEPORT), each with its own
+    /// accept loop.
+    #[arg(long = "listeners", value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub listeners: u16,
+
+    /// UDP: seconds of inactivity after which a session is closed.
+    #[arg(long = "close-after", value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub close_after_secs: u64,
+
+    /// Connect to the destination named in each header instead of -4/-6
+    /// (for TPROXY set-ups that serve many ports).
+    #[arg(long = "dynamic-destination")]
+    pub dynamic_destination: bool,
+
+    /// Set IP_TRANSPARENT on the listeners, so they accept connections
+    /// redirected to them by a TPROXY rule.
+    #[arg(long = "listen-transparent")]
+    pub listen_transparent: bool,
+
+    /// TCP data path: ebpf (in-kernel sockmap), plain (userspace splice),
+    /// or auto (ebpf where known to be safe, else plain).
+    #[arg(long = "mode", value_name = "MODE", default_value = "auto")]
+    pub mode: Mode,
+
+    /// Seconds a TCP client has to send a complete PROXY header.
+    #[arg(long = "header-timeout", value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
+
+    /// Seconds to wait for the backend to accept a connection.
+    #[arg(long = "connect-timeout", value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub connect_timeout_secs: u64,
+
+    /// Most TCP connections handled at once; further clients wait in the
+    /// listen backlog.
+    #[arg(long = "max-connections", value_name = "N", default_value_t = 32768,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// When the client's ip:port cannot be bound upstream (it is local, or
+    /// in `TIME_WAIT`): fallback (client IP, ephemeral port, logged), strict
+    /// (drop the connection), or ephemeral (always an ephemeral port).
+    #[arg(
+        long = "source-port",
+        value_name = "POLICY",
+        default_value = "fallback"
+    )]
+    pub source_port: SourcePortPolicy,
+
+    /// On SIGTERM/SIGINT: seconds open connections get to finish after
+    /// the listeners close.
+    #[arg(long = "drain-timeout", value_name = "SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+}
+
+/// Which protocols to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protocols {
+    pub tcp: bool,
+    pub udp: bool,
+}
+
+/// The TCP data path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Auto,
+    Ebpf,
+    Plain,
+}
+
+/// What to do when the client's source port cannot be used upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourcePortPolicy {
+    Fallback,
+    Strict,
+    Ephemeral,
+}
+
+fn parse_protocols(s: &str) -> Result<Protocols, String> {
+    let mut p = Protocols {
+        tcp: false,
+        udp: false,
+    };
+    for part in s.split(',') {
+        match part.trim() {
+            "tcp" => p.tcp = true,
+            "udp" => p.udp = true,
+            other => return Err(format!("'{other}' is not tcp or udp")),
+        }
+    }
+    Ok(p)
+}
+
+fn parse_ipv4_target(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s.parse().map_err(|e| format!("{e}"))?;
+    if addr.is_ipv4() {
+        Ok(addr)
+    } else {
+        Err("-4 needs an IPv4 address".into())
+    }
+}
+
+fn parse_ipv6_target(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s.parse().map_err(|e| format!("{e}"))?;
+    if addr.is_ipv6() {
+        Ok(addr)
+    } else {
+        Err("-6 needs an IPv6 address, e.g. [::1]:443".into())
+    }
+}
+
+/// Long options that go-mmproxy spells with one dash.
+const LONG_FLAGS: &[&str] = &[
+    "listen",
+    "target4",
+    "target6",
+    "protocol",
+    "verbose",
+    "allowed-subnets",
+    "mark",
+    "listeners",
+    "close-after",
+    "dynamic-destination",
+    "listen-transparent",
+    "mode",
+    "header-timeout",
+    "connect-timeout",
+    "max-connections",
+    "source-port",
+    "drain-timeout",
+    "help",
+    "version",
+];
+
+/// Rewrites `-name` and `-name=value` to `--name...` for the long flags.
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    args.into_iter()
+        .map(|arg| {
+            let Some(s) = arg.to_str() else { return arg };
+            let Some(rest) = s.strip_prefix('-') else {
+                return arg;
+            };
+            if rest.starts_with('-') {
+                return arg;
+            }
+            let name = rest.split_once('=').map_or(rest, |(n, _)| n);
+            if LONG_FLAGS.contains(&name) {
+                OsString::from(format!("-{s}"))
+            } else {
+                arg
+            }
+        })
+        .collect()
+}
+
+impl Cli {
+    /// Parses the process arguments. Bad values exit with status 2 and one
+    /// line naming the flag; `--help` and `--version` print and exit 0.
+    pub fn parse_or_exit(args: impl IntoIterator<Item = OsString>) -> Self {
+        match Self::try_parse_from(normalize_args(args)) {
+            Ok(cli) => cli,
+            Err(e) if !e.use_stderr() => e.exit(),
+            Err(e) => {
+                let rendered = e.to_string();
+                let line = rendered
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("invalid arguments");
+                let line = line.strip_prefix("error: ").unwrap_or(line);
+                eprintln!("mmproxy: {line} (see --help)");
+                std::process::exit(2);
+            }
+        }
+    }
+}

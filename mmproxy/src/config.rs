@@ -1,0 +1,220 @@
+//! The daemon's validated configuration, and the allowed-subnets file.
+
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+
+use crate::cli::{Cli, Mode, Protocols, SourcePortPolicy};
+
+/// Everything the proxy needs, checked once at start-up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub target4: SocketAddr,
+    pub target6: SocketAddr,
+    pub protocols: Protocols,
+    pub verbose: u8,
+    pub allowed_subnets_file: Option<PathBuf>,
+    /// Empty means every peer is allowed.
+    pub allowed_subnets: AllowedSubnets,
+    /// 0: no SO_MARK.
+    pub mark: u32,
+    pub listeners: u16,
+    pub udp_idle_timeout: Duration,
+    pub dynamic_destination: bool,
+    pub listen_transparent: bool,
+    pub mode: Mode,
+    pub header_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_connections: u32,
+    pub source_port: SourcePortPolicy,
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    /// Validates the command line and reads the files it names.
+    pub fn from_cli(cli: &Cli) -> Result<Self, ConfigError> {
+        let allowed_subnets = match &cli.allowed_subnets {
+            Some(path) => AllowedSubnets::load(path)?,
+            None => AllowedSubnets::any(),
+        };
+        Ok(Self {
+            listen: cli.listen,
+            target4: cli.target4,
+            target6: cli.target6,
+            protocols: cli.protocols,
+            verbose: cli.verbose,
+            allowed_subnets_file: cli.allowed_subnets.clone(),
+            allowed_subnets,
+            mark: cli.mark,
+            listeners: cli.listeners,
+            udp_idle_timeout: Duration::from_secs(cli.close_after_secs),
+            dynamic_destination: cli.dynamic_destination,
+            listen_transparent: cli.listen_transparent,
+            mode: cli.mode,
+            header_timeout: Duration::from_secs(cli.header_timeout_secs),
+            connect_timeout: Duration::from_secs(cli.connect_timeout_secs),
+            max_connections: cli.max_connections,
+            source_port: cli.source_port,
+            drain_timeout: Duration::from_secs(cli.drain_timeout_secs),
+        })
+    }
+
+    /// The backend for a client of this address family.
+    pub fn target_for(&self, client: IpAddr) -> SocketAddr {
+        if client.is_ipv4() {
+            self.target4
+        } else {
+            self.target6
+        }
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read allowed-subnets file {path}")]
+    ReadSubnets {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: '{text}' is not a subnet in CIDR notation (e.g. 192.0.2.0/24)")]
+    BadSubnet {
+        path: PathBuf,
+        line: usize,
+        text: String,
+    },
+    #[error(
+        "{path} lists no subnets: every connection would be refused (remove --allowed-subnets to allow all)"
+    )]
+    NoSubnets { path: PathBuf },
+}
+
+/// The peers allowed to connect: the load balancers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedSubnets {
+    /// Empty: everyone is allowed (no file given).
+    nets: Vec<IpNet>,
+}
+
+impl AllowedSubnets {
+    /// Everyone is allowed.
+    pub fn any() -> Self {
+        Self::default()
+    }
+
+    /// Reads a file of one CIDR per line. `#` starts a comment; blank lines
+    /// are skipped; a bare address means that one host. Any other line
+    /// fails the whole file, naming the line: a typo must never silently
+    /// widen or narrow who may connect.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::ReadSubnets {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut nets = Vec::new();
+        for (index, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let net = line
+                .parse::<IpNet>()
+                .or_else(|_| line.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| ConfigError::BadSubnet {
+                    path: path.to_owned(),
+                    line: index + 1,
+                    text: line.to_owned(),
+                })?;
+            nets.push(net.trunc());
+        }
+        if nets.is_empty() {
+            return Err(ConfigError::NoSubnets {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Self { nets })
+    }
+
+    /// Whether a peer may connect. IPv4-mapped IPv6 peers (a dual-stack
+    /// listener) are matched as the IPv4 addresses they are.
+    pub fn allows(&self, peer: IpAddr) -> bool {
+        if self.nets.is_empty() {
+            return true;
+        }
+        let peer = peer.to_canonical();
+        self.nets.iter().any(|net| net.contains(&peer))
+    }
+
+    pub fn len(&self) -> usize {
+        self.nets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AllowedSubnets, ConfigError> {
+        AllowedSubnets::parse(Path::new("subnets.txt"), text)
+    }
+
+    #[test]
+    fn comments_blank_lines_and_bare_hosts() {
+        let s =
+            parse("# balancers\n\n10.0.0.0/8   # internal\n  2001:db8::/32\n192.0.2.7\n").unwrap();
+        assert_eq!(s.len(), 3);
+        assert!(s.allows("10.1.2.3".parse().unwrap()));
+        assert!(s.allows("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(s.allows("2001:db8::5".parse().unwrap()));
+        assert!(s.allows("192.0.2.7".parse().unwrap()));
+        assert!(!s.allows("192.0.2.8".parse().unwrap()));
+        assert!(!s.allows("11.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn host_bits_are_ignored() {
+        let s = parse("10.1.2.3/8\n").unwrap();
+        assert!(s.allows("10.200.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_bad_line_fails_the_file_and_is_named() {
+        let e = parse("10.0.0.0/8\n10.0.0.0/33\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "subnets.txt:2: '10.0.0.0/33' is not a subnet in CIDR notation (e.g. 192.0.2.0/24)"
+        );
+        assert!(matches!(
+            parse("bogus"),
+            Err(ConfigError::BadSubnet { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn an_empty_file_fails_closed() {
+        assert!(matches!(
+            parse("# nothing\n\n"),
+            Err(ConfigError::NoSubnets { .. })
+        ));
+    }
+
+    #[test]
+    fn no_file_allows_everyone() {
+        assert!(AllowedSubnets::any().allows("203.0.113.1".parse().unwrap()));
+    }
+}

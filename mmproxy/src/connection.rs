@@ -1,0 +1,215 @@
+//! One TCP connection's life: read the PROXY header, decide where to
+//! connect and as whom, connect upstream, forward.
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use tokio::{net::TcpStream, time::Instant};
+use tracing::{debug, trace};
+
+use crate::{
+    config::Config,
+    error::Side,
+    forward::{self, Connection, ForwardError, Forwarder, Transferred},
+    proxy_protocol::{self, Action, MAX_HEADER_LEN, Status, Transport},
+    upstream::{self, UpstreamError, UpstreamOptions},
+};
+
+/// Read size while waiting for the header. Most headers fit in one read;
+/// the buffer grows for v2 headers with large TLVs.
+const HEADER_READ_BYTES: usize = 1024;
+
+/// What every TCP connection shares.
+#[derive(Debug)]
+pub struct TcpProxy {
+    pub config: Arc<Config>,
+    pub upstream: UpstreamOptions,
+    pub forwarder: Forwarder,
+}
+
+/// Why a connection ended before or during forwarding.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+}
+
+/// Why no usable PROXY header was read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    #[error("invalid PROXY header: {0}")]
+    Invalid(#[from] proxy_protocol::Error),
+    #[error("no complete PROXY header within {timeout:?} ({received} bytes received)")]
+    Timeout { timeout: Duration, received: usize },
+    #[error(
+        "the client closed the connection before a complete PROXY header ({received} bytes received)"
+    )]
+    Closed { received: usize },
+    #[error("reading the PROXY header failed")]
+    Io(#[source] io::Error),
+}
+
+impl HeaderError {
+    /// A short name for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HeaderError::Invalid(e) => e.label(),
+            HeaderError::Timeout { .. } => "timeout",
+            HeaderError::Closed { .. } => "closed",
+            HeaderError::Io(_) => "io",
+        }
+    }
+}
+
+impl ConnectionError {
+    pub fn side(&self) -> Side {
+        match self {
+            ConnectionError::Header(_) => Side::Client,
+            ConnectionError::Upstream(e) => e.side(),
+            ConnectionError::Forward(e) => e.side,
+        }
+    }
+}
+
+impl TcpProxy {
+    /// Handles one accepted connection to its end, and logs how it ended:
+    /// errors at debug (`-v 1`), everything else at trace (`-v 2`).
+    pub async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        trace!(%peer, "accepted");
+        match self.proxy(client, peer).await {
+            Ok(t) => trace!(
+                %peer,
+                sent = t.client_to_upstream,
+                received = t.upstream_to_client,
+                "closed"
+            ),
+            Err(ConnectionError::Header(HeaderError::Timeout {
+                timeout,
+                received: 0,
+            })) => debug!(
+                %peer,
+                "no PROXY header and no data within {timeout:?}: if the balancer sends the \
+                 header only with the client's first bytes (AWS NLB does), protocols where the \
+                 server speaks first (SSH, SMTP) cannot work through it"
+            ),
+            Err(e) => {
+                debug!(%peer, side = %e.side(), error = %error_chain(&e), "connection failed")
+            }
+        }
+    }
+
+    async fn proxy(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<Transferred, ConnectionError> {
+        upstream::tune_stream(&client);
+        let (action, mut buf, consumed) = read_header(&client, self.config.header_timeout).await?;
+        let (backend, source) = self.route(action, peer);
+        trace!(%peer, ?action, %backend, "header read");
+        let upstream = match upstream::connect(backend, source, &self.upstream).await {
+            Ok(up) => up,
+            Err(e) => {
+                if matches!(e, UpstreamError::Connect { .. }) {
+                    // The backend refused: let the client see a refusal too.
+                    forward::reset_on_close(&client);
+                }
+                return Err(e.into());
+            }
+        };
+        if upstream.fell_back {
+            debug!(%peer, ?source, local = %upstream.local, "client port in use upstream; used an ephemeral port");
+        }
+        let early_data = buf.split_off(consumed).freeze();
+        let conn = Connection {
+            client,
+            upstream: upstream.stream,
+            early_data,
+        };
+        Ok(self.forwarder.forward(conn).await?)
+    }
+
+    /// The backend to connect to, and the source to spoof (None: don't).
+    fn route(&self, action: Action, peer: SocketAddr) -> (SocketAddr, Option<SocketAddr>) {
+        match action {
+            Action::Spoof {
+                source,
+                destination,
+            } => {
+                let backend = if self.config.dynamic_destination {
+                    destination
+                } else {
+                    self.config.target_for(source.ip())
+                };
+                (backend, Some(source))
+            }
+            // LOCAL/UNKNOWN/UNSPEC: the balancer itself (health checks).
+            Action::Direct => (self.config.target_for(peer.ip().to_canonical()), None),
+        }
+    }
+}
+
+/// Reads until the buffer holds a complete header, under one deadline for
+/// the whole header (so a slow-drip client cannot extend it). Returns the
+/// action, the buffer, and the header's length; bytes after it are payload.
+pub async fn read_header(
+    client: &TcpStream,
+    timeout: Duration,
+) -> Result<(Action, BytesMut, usize), HeaderError> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = BytesMut::with_capacity(HEADER_READ_BYTES);
+    loop {
+        match proxy_protocol::parse(&buf)? {
+            Status::Complete(header, consumed) => {
+                let action = header.action(Transport::Stream)?;
+                return Ok((action, buf, consumed));
+            }
+            Status::Incomplete => {}
+        }
+        // The parser never asks for more than MAX_HEADER_LEN bytes.
+        debug_assert!(buf.len() < MAX_HEADER_LEN);
+        buf.reserve(HEADER_READ_BYTES);
+        let read = tokio::time::timeout_at(deadline, read_some(client, &mut buf)).await;
+        match read {
+            Err(_) => {
+                return Err(HeaderError::Timeout {
+                    timeout,
+                    received: buf.len(),
+                });
+            }
+            Ok(Err(e)) => return Err(HeaderError::Io(e)),
+            Ok(Ok(0)) => {
+                return Err(HeaderError::Closed {
+                    received: buf.len(),
+                });
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+async fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => return other,
+        }
+    }
+}
+
+/// "a: b: c" from an error and its sources, for one-line logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,103 @@
+//! Moving bytes between the client and the backend once both are connected.
+//!
+//! Two data paths share one interface, [`Forwarder::forward`]:
+//! - [`splice`]: userspace moves bytes with zero-copy `splice(2)` through
+//!   pooled pipes (a buffer copy when no pipe can be had);
+//! - [`sockmap`]: the kernel redirects each skb to the peer socket (BPF).
+//!
+//! Both keep the same contract: bytes that arrived with the PROXY header
+//! go first; a FIN is propagated as a half-close (`shutdown(SHUT_WR)`) and
+//! the other direction keeps flowing; a reset or error on one side is
+//! mirrored as a reset on the other (SO_LINGER 0), never as a clean FIN,
+//! so neither end mistakes a broken transfer for a complete one.
+
+pub mod splice;
+
+use std::{io, time::Duration};
+
+use bytes::Bytes;
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use crate::error::Side;
+
+/// A proxied connection, ready to forward.
+#[derive(Debug)]
+pub struct Connection {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    /// Client bytes that arrived behind the PROXY header.
+    pub early_data: Bytes,
+}
+
+/// Bytes moved in each direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transferred {
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+}
+
+/// A forwarding failure. The other side has been reset.
+#[derive(Debug, thiserror::Error)]
+#[error("{side} side failed while forwarding")]
+pub struct ForwardError {
+    pub side: Side,
+    #[source]
+    pub source: io::Error,
+    /// What had been moved before the failure.
+    pub transferred: Transferred,
+}
+
+/// The data path chosen at start-up.
+#[derive(Debug)]
+pub enum Forwarder {
+    Plain(splice::SpliceForwarder),
+}
+
+impl Forwarder {
+    /// Forwards until both directions have ended (or one side failed).
+    pub async fn forward(&self, conn: Connection) -> Result<Transferred, ForwardError> {
+        match self {
+            Forwarder::Plain(f) => f.forward(conn).await,
+        }
+    }
+
+    /// `plain` or `ebpf`, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Forwarder::Plain(_) => "plain",
+        }
+    }
+}
+
+/// Makes the kernel answer with RST when `stream` is closed: what a peer
+/// that failed must look like to the other end.
+pub fn reset_on_close(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Resets the socket opposite to the one that failed.
+pub(crate) fn mirror_failure(failed: Side, client: &TcpStream, upstream: &TcpStream) {
+    match failed {
+        Side::Client => reset_on_close(upstream),
+        Side::Upstream => reset_on_close(client),
+        Side::Internal => {
+            reset_on_close(client);
+            reset_on_close(upstream);
+        }
+    }
+}
+
+/// Writes all of `data` through a shared reference (both directions of a
+/// connection hold the same streams).
+pub(crate) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Listening sockets and accept loops.
+//!
+//! `--listeners N` binds N sockets with SO_REUSEPORT; the kernel spreads
+//! new connections across them, and each has its own accept loop. An
+//! accept error never ends a loop: resource exhaustion (EMFILE, ENFILE,
+//! ENOBUFS, ENOMEM) backs off and retries, anything else is retried at
+//! once. `--max-connections` is a semaphore taken before `accept`, so
+//! excess clients wait in the kernel's backlog instead of being refused.
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, warn};
+
+use crate::{config::AllowedSubnets, connection::TcpProxy};
+
+/// Connections the kernel queues before we accept them. Independent of
+/// `--listeners` (mmproxy-rs passed that as the backlog: 500 concurrent
+/// connects took minutes).
+pub const LISTEN_BACKLOG: i32 = 4096;
+const BACKOFF_START: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How listening sockets are made.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenOptions {
+    pub addr: SocketAddr,
+    pub count: u16,
+    /// IP_TRANSPARENT, to accept connections a TPROXY rule sends us.
+    pub transparent: bool,
+}
+
+/// Why a listener could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}{hint}")]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    hint: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Opens the listening sockets for `socket_type` (TCP or UDP).
+pub fn bind_sockets(opts: &ListenOptions, socket_type: Type) -> Result<Vec<Socket>, ListenError> {
+    (0..opts.count)
+        .map(|_| bind_one(opts, socket_type))
+        .collect()
+}
+
+fn bind_one(opts: &ListenOptions, socket_type: Type) -> Result<Socket, ListenError> {
+    let addr = opts.addr;
+    let fail = |hint: &'static str| move |source| ListenError { addr, hint, source };
+    let protocol = if socket_type == Type::DGRAM {
+        Protocol::UDP
+    } else {
+        Protocol::TCP
+    };
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        socket_type.nonblocking().cloexec(),
+        Some(protocol),
+    )
+    .map_err(fail(""))?;
+    socket.set_reuse_address(true).map_err(fail(""))?;
+    if opts.count > 1 {
+        socket.set_reuse_port(true).map_err(fail(""))?;
+    }
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // [::] also serves IPv4 clients (as ::ffff:a.b.c.d).
+        let _ = socket.set_only_v6(false);
+    }
+    if opts.transparent {
+        let set = if addr.is_ipv4() {
+            socket.set_ip_transparent_v4(true)
+        } else {
+            socket.set_ip_transparent_v6(true)
+        };
+        set.map_err(fail(" (IP_TRANSPARENT needs CAP_NET_ADMIN)"))?;
+    }
+    socket
+        .bind(&addr.into())
+        .map_err(fail(" (in use, or not a local address)"))?;
+    if socket_type == Type::STREAM {
+        socket.listen(LISTEN_BACKLOG).map_err(fail(""))?;
+    }
+    Ok(socket)
+}
+
+/// Everything an accept loop needs.
+#[derive(Debug, Clone)]
+pub struct AcceptContext {
+    pub proxy: Arc<TcpProxy>,
+    pub allowed: Arc<ArcSwap<AllowedSubnets>>,
+    pub permits: Arc<Semaphore>,
+    pub connections: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+/// Accepts until `shutdown`, spawning one task per connection.
+pub async fn accept_loop(listener: TcpListener, ctx: AcceptContext) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let permit = tokio::select! {
+            p = ctx.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = ctx.shutdown.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = ctx.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = BACKOFF_START;
+                if !ctx.allowed.load().allows(peer.ip()) {
+                    debug!(%peer, "peer not in --allowed-subnets; closed");
+                    continue;
+                }
+                let proxy = ctx.proxy.clone();
+                ctx.connections.spawn(async move {
+                    proxy.handle(stream, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                warn!(error = %e, retry_in = ?backoff, "accept failed for lack of resources; backing off");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = ctx.shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            // ECONNABORTED and friends: that one client is gone; carry on.
+            Err(e) => debug!(error = %e, "accept failed"),
+        }
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}

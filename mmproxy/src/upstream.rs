@@ -1,0 +1,225 @@
+//! Upstream sockets: connect to the backend from the client's address.
+//!
+//! The socket gets IP_TRANSPARENT (so it may bind an address that is not
+//! local), SO_REUSEADDR, SO_MARK when configured, and is bound to the
+//! client's ip:port before connecting. The backend's replies to that
+//! address come back to us through the policy route (`mmproxy check`).
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::debug;
+
+use crate::{cli::SourcePortPolicy, error::Side};
+
+/// How upstream sockets are made.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamOptions {
+    /// 0: no SO_MARK.
+    pub mark: u32,
+    pub source_port: SourcePortPolicy,
+    pub connect_timeout: Duration,
+}
+
+/// Why no upstream connection could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot create the upstream socket")]
+    Socket(#[source] io::Error),
+    #[error(
+        "cannot set IP_TRANSPARENT on the upstream socket (needs CAP_NET_ADMIN or CAP_NET_RAW)"
+    )]
+    Transparent(#[source] io::Error),
+    #[error("cannot set SO_MARK {mark} (needs CAP_NET_ADMIN)")]
+    Mark {
+        mark: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot bind the upstream socket to {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the client's source {addr} is in use locally and --source-port is strict")]
+    SourcePortInUse { addr: SocketAddr },
+    #[error("cannot connect to the backend {backend}")]
+    Connect {
+        backend: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the backend {backend} did not accept within {timeout:?}")]
+    ConnectTimeout {
+        backend: SocketAddr,
+        timeout: Duration,
+    },
+}
+
+impl UpstreamError {
+    /// Whose fault it was, for metrics and logs.
+    pub fn side(&self) -> Side {
+        match self {
+            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => Side::Upstream,
+            UpstreamError::SourcePortInUse { .. } => Side::Client,
+            _ => Side::Internal,
+        }
+    }
+
+    /// The errno, when there is one (metrics label).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            UpstreamError::Socket(e)
+            | UpstreamError::Transparent(e)
+            | UpstreamError::Mark { source: e, .. }
+            | UpstreamError::Bind { source: e, .. }
+            | UpstreamError::Connect { source: e, .. } => e.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// A connected upstream stream and the source address it really used
+/// (which differs from the client's when the port fell back).
+#[derive(Debug)]
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub local: SocketAddr,
+    pub fell_back: bool,
+}
+
+/// Connects to `backend`, spoofing `source` when given.
+pub async fn connect(
+    backend: SocketAddr,
+    source: Option<SocketAddr>,
+    opts: &UpstreamOptions,
+) -> Result<Upstream, UpstreamError> {
+    let Some(source) = source else {
+        let socket = new_socket(backend, opts, false)?;
+        return finish(socket, backend, opts, false).await;
+    };
+    let wanted = match opts.source_port {
+        SourcePortPolicy::Ephemeral => SocketAddr::new(source.ip(), 0),
+        SourcePortPolicy::Fallback | SourcePortPolicy::Strict => source,
+    };
+    let socket = new_socket(backend, opts, true)?;
+    match bind(&socket, wanted) {
+        Ok(()) => {}
+        Err(UpstreamError::Bind { source: e, .. }) if is_port_in_use(&e) => {
+            return retry_with_ephemeral_port(backend, source, opts).await;
+        }
+        Err(e) => return Err(e),
+    }
+    match finish(socket, backend, opts, false).await {
+        // With SO_REUSEADDR the bind succeeds even when the same 4-tuple
+        // is still in TIME_WAIT; connect() then reports EADDRNOTAVAIL.
+        Err(UpstreamError::Connect { source: e, .. })
+            if wanted.port() != 0 && is_port_in_use(&e) =>
+        {
+            retry_with_ephemeral_port(backend, source, opts).await
+        }
+        other => other,
+    }
+}
+
+async fn retry_with_ephemeral_port(
+    backend: SocketAddr,
+    source: SocketAddr,
+    opts: &UpstreamOptions,
+) -> Result<Upstream, UpstreamError> {
+    if opts.source_port == SourcePortPolicy::Strict {
+        return Err(UpstreamError::SourcePortInUse { addr: source });
+    }
+    debug!(%source, %backend, "client source port unavailable upstream, using an ephemeral port");
+    let socket = new_socket(backend, opts, true)?;
+    bind(&socket, SocketAddr::new(source.ip(), 0))?;
+    finish(socket, backend, opts, true).await
+}
+
+fn is_port_in_use(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+    )
+}
+
+fn new_socket(
+    backend: SocketAddr,
+    opts: &UpstreamOptions,
+    spoof: bool,
+) -> Result<Socket, UpstreamError> {
+    let domain = Domain::for_address(backend);
+    let socket = Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )
+    .map_err(UpstreamError::Socket)?;
+    if spoof {
+        let transparent = if backend.is_ipv4() {
+            socket.set_ip_transparent_v4(true)
+        } else {
+            socket.set_ip_transparent_v6(true)
+        };
+        transparent.map_err(UpstreamError::Transparent)?;
+        socket
+            .set_reuse_address(true)
+            .map_err(UpstreamError::Socket)?;
+    }
+    if opts.mark != 0 {
+        socket
+            .set_mark(opts.mark)
+            .map_err(|source| UpstreamError::Mark {
+                mark: opts.mark,
+                source,
+            })?;
+    }
+    Ok(socket)
+}
+
+fn bind(socket: &Socket, addr: SocketAddr) -> Result<(), UpstreamError> {
+    socket
+        .bind(&addr.into())
+        .map_err(|source| UpstreamError::Bind { addr, source })
+}
+
+async fn finish(
+    socket: Socket,
+    backend: SocketAddr,
+    opts: &UpstreamOptions,
+    fell_back: bool,
+) -> Result<Upstream, UpstreamError> {
+    let socket = TcpSocket::from_std_stream(socket.into());
+    let stream = match tokio::time::timeout(opts.connect_timeout, socket.connect(backend)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => return Err(UpstreamError::Connect { backend, source }),
+        Err(_) => {
+            return Err(UpstreamError::ConnectTimeout {
+                backend,
+                timeout: opts.connect_timeout,
+            });
+        }
+    };
+    tune_stream(&stream);
+    let local = stream.local_addr().map_err(UpstreamError::Socket)?;
+    Ok(Upstream {
+        stream,
+        local,
+        fell_back,
+    })
+}
+
+/// TCP_NODELAY (we forward what arrives; Nagle would only add delay) and
+/// keepalive (a vanished peer must not hold a connection forever) on a
+/// proxied socket, either leg. Failures only cost latency, so they are
+/// ignored.
+pub fn tune_stream(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_mins(1))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}

@@ -1,0 +1,551 @@
+//! Test support shared by the integration tests.
+//!
+//! Every privileged test makes its own network namespace ([`Netns`]) with
+//! loopback up and the policy routing the daemon needs (table 123, IPv4
+//! and IPv6); the root namespace's routes are never touched. The test body
+//! runs on a thread that has entered the namespace ([`Netns::run`]), so its
+//! backends and clients live there too; the daemon runs inside it through
+//! `ip netns exec`. Namespaces, daemons and helper processes are removed
+//! on drop, also when a test panics. Names carry the pid and a counter, so
+//! tests run in parallel.
+//!
+//! Without root, [`netns_or_skip`] prints a loud SKIP and the test returns;
+//! with `CI=true` it fails instead.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader},
+    net::{SocketAddr, TcpListener as StdTcpListener},
+    os::fd::AsFd as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+static NEXT_NS: AtomicU32 = AtomicU32::new(0);
+
+/// True when running as root.
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A fresh namespace, or `None` after printing why the test is skipped.
+/// Under `CI=true` a skip is a failure.
+pub fn netns_or_skip(test: &str) -> Option<Netns> {
+    if is_root() {
+        return Some(Netns::new());
+    }
+    let msg = format!(
+        "\n!!!!! SKIPPED {test}: needs root (network namespaces, IP_TRANSPARENT, BPF) !!!!!\n"
+    );
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{msg}CI=true: privileged tests must run, not skip"
+    );
+    eprintln!("{msg}");
+    None
+}
+
+/// A network namespace with loopback up and the daemon's routing.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        let name = format!(
+            "mmpt-{}-{}",
+            std::process::id(),
+            NEXT_NS.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.add_routing();
+        ns
+    }
+
+    /// The README's routing: replies to spoofed sources are delivered
+    /// locally.
+    pub fn add_routing(&self) {
+        self.ip(&[
+            "rule",
+            "add",
+            "from",
+            "127.0.0.1/8",
+            "iif",
+            "lo",
+            "table",
+            "123",
+        ]);
+        self.ip(&[
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "123",
+        ]);
+        self.ip(&[
+            "-6", "rule", "add", "from", "::1/128", "iif", "lo", "table", "123",
+        ]);
+        self.ip(&[
+            "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "123",
+        ]);
+    }
+
+    /// Runs `ip -n <ns> args...`, panicking with its output on failure.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `body` on a thread inside the namespace, with its own tokio
+    /// runtime, and returns its result (re-raising its panic).
+    pub fn run<F, T>(&self, body: F) -> T
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let name = self.name.clone();
+        thread::spawn(move || block_on_in(&name, body))
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Netns {
+    /// Runs `fut` in the background on a thread inside the namespace until
+    /// the returned guard is dropped.
+    pub fn spawn<F>(&self, fut: F) -> Background
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let name = self.name.clone();
+        let handle = thread::spawn(move || {
+            block_on_in(&name, async move {
+                let _ = ready_tx.send(());
+                tokio::select! {
+                    () = fut => {}
+                    _ = stop_rx => {}
+                }
+            });
+        });
+        ready_rx.recv().expect("background task started");
+        Background {
+            stop: Some(stop_tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// A second namespace playing the client's host, joined to this one by
+    /// a veth pair: this side 192.0.2.1/24, the client 192.0.2.10/24
+    /// (documentation addresses, local to the two namespaces). Spoofing a
+    /// client that is not local to the proxy host is the real deployment.
+    pub fn client_host(&self) -> Netns {
+        let client = Netns::new();
+        let (a, b) = (
+            format!("va{}", &self.name[5..]),
+            format!("vb{}", &self.name[5..]),
+        );
+        let (a, b) = (truncate_ifname(&a), truncate_ifname(&b));
+        self.ip(&[
+            "link",
+            "add",
+            &a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &client.name,
+        ]);
+        self.ip(&["addr", "add", "192.0.2.1/24", "dev", &a]);
+        self.ip(&["link", "set", &a, "up"]);
+        client.ip(&["addr", "add", "192.0.2.10/24", "dev", &b]);
+        client.ip(&["link", "set", &b, "up"]);
+        client
+    }
+}
+
+/// Moves the current thread into namespace `name` and runs `body` there on
+/// a fresh runtime. The thread stays in the namespace: use a new thread.
+fn block_on_in<F: Future>(name: &str, body: F) -> F::Output {
+    let path = format!("/run/netns/{name}");
+    let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    rustix::thread::move_into_link_name_space(
+        ns.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .expect("setns into the test namespace");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("test runtime")
+        .block_on(body)
+}
+
+fn truncate_ifname(name: &str) -> String {
+    name.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(15)
+        .collect()
+}
+
+/// A background task in a namespace; stopped on drop.
+pub struct Background {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A free TCP port on loopback inside the current namespace.
+pub fn free_port() -> u16 {
+    StdTcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The daemon binary under test.
+pub fn daemon_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mmproxy"))
+}
+
+/// A running daemon inside a namespace. Stopped (SIGTERM, then SIGKILL)
+/// on drop; its log is kept for assertions and printed on failure.
+pub struct Daemon {
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Starts the daemon with `args` and waits for its "listening" line.
+    pub fn start(ns: &Netns, args: &[&str]) -> Self {
+        Self::start_with(ns.command(daemon_binary()), args)
+    }
+
+    /// Like [`Daemon::start`], for a prepared command (e.g. under prlimit).
+    pub fn start_with(mut cmd: Command, args: &[&str]) -> Self {
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1");
+        let mut child = cmd.spawn().expect("spawn mmproxy");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::channel();
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let daemon = Self {
+            child: Some(child),
+            log,
+            lines,
+        };
+        daemon.wait_for_log("listening", Duration::from_secs(10));
+        daemon
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+            return line;
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout | mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "no log line with {needle:?} within {timeout:?}; log:\n{}",
+                        self.log().join("\n")
+                    )
+                }
+            }
+        }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .map_or(0, |c| i32::try_from(c.id()).expect("pids fit i32"))
+    }
+
+    /// Sends a signal to the daemon (not to the `ip netns exec` wrapper,
+    /// which execs it: the pid is the daemon's).
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid()) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+
+    /// Waits for the daemon to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            self.signal(rustix::process::Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "---- mmproxy log ----\n{}\n---------------------",
+                self.log().join("\n")
+            );
+        }
+    }
+}
+
+/// A TCP backend that records each peer address it sees and echoes.
+#[derive(Clone)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    /// How each connection ended: `None` for EOF, else the read error.
+    ends: Arc<Mutex<Vec<Option<std::io::ErrorKind>>>>,
+}
+
+/// What a backend does with each connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Echo everything; half-close when the client does.
+    Echo,
+    /// Send a greeting first (SSH, SMTP style), then echo.
+    ServerFirst,
+    /// Read nothing; reset the connection at once.
+    Reset,
+}
+
+pub const GREETING: &[u8] = b"220 backend ready\r\n";
+
+impl Backend {
+    pub async fn start(bind: &str, kind: BackendKind) -> Self {
+        let listener = TcpListener::bind(bind).await.expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let (seen, ended) = (peers.clone(), ends.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    return;
+                };
+                seen.lock().unwrap().push(peer);
+                let ended = ended.clone();
+                tokio::spawn(async move {
+                    let end = serve(stream, kind).await;
+                    ended.lock().unwrap().push(end);
+                });
+            }
+        });
+        Self { addr, peers, ends }
+    }
+
+    /// How the finished connections ended.
+    pub fn ends(&self) -> Vec<Option<std::io::ErrorKind>> {
+        self.ends.lock().unwrap().clone()
+    }
+
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` connections have been accepted.
+    pub async fn wait_for_peers(&self, n: usize) -> Vec<SocketAddr> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let peers = self.peers();
+            if peers.len() >= n {
+                return peers;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend saw {} of {n} connections",
+                peers.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn serve(mut stream: TcpStream, kind: BackendKind) -> Option<std::io::ErrorKind> {
+    match kind {
+        BackendKind::Reset => {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return None;
+        }
+        BackendKind::ServerFirst => {
+            if let Err(e) = stream.write_all(GREETING).await {
+                return Some(e.kind());
+            }
+        }
+        BackendKind::Echo => {}
+    }
+    let (mut r, mut w) = stream.split();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => break,
+            Err(e) => return Some(e.kind()),
+            Ok(n) => {
+                if let Err(e) = w.write_all(&buf[..n]).await {
+                    return Some(e.kind());
+                }
+            }
+        }
+    }
+    let _ = w.shutdown().await;
+    None
+}
+
+/// The PROXY headers tests send.
+pub mod header {
+    use std::net::SocketAddr;
+
+    use mmproxy::proxy_protocol::{Transport, V2Builder, encode_v1};
+
+    pub fn v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_v1(Some((src, dst)), &mut out).unwrap();
+        out
+    }
+
+    pub fn v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+        V2Builder::proxy(Transport::Stream, src, dst)
+            .build()
+            .unwrap()
+    }
+
+    pub fn v2_local() -> Vec<u8> {
+        V2Builder::local().build().unwrap()
+    }
+}
+
+/// Connects to the proxy and sends `header`.
+pub async fn connect_with_header(proxy: SocketAddr, header: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.expect("connect to mmproxy");
+    s.write_all(header).await.expect("send header");
+    s
+}
+
+/// Sends `msg` and reads back exactly as many bytes, with a timeout.
+pub async fn round_trip(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.expect("write");
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+        .await
+        .expect("echo timed out")
+        .expect("read echo");
+    buf
+}
+
+/// Waits until the server closes (EOF or reset) and says which.
+pub async fn wait_closed(s: &mut TcpStream, timeout: Duration) -> Result<(), std::io::Error> {
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(timeout, s.read(&mut buf)).await {
+            Err(tokio::time::error::Elapsed { .. }) => {
+                panic!("connection still open after {timeout:?}")
+            }
+            Ok(Ok(0)) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+pub fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
