@@ -129,7 +129,11 @@ fn skip_already_redirected(ctx: &SkBuffContext, state: &mut SocketState) -> Resu
     let mut left = overlap;
     let mut calls = 0;
     while left > 0 && calls < MAX_TRIM_CALLS {
-        let cut = if left > MAX_TRIM_PER_CALL { MAX_TRIM_PER_CALL } else { left };
+        let cut = if left > MAX_TRIM_PER_CALL {
+            MAX_TRIM_PER_CALL
+        } else {
+            left
+        };
         // SAFETY: the helper checks its arguments; a failure returns < 0.
         let ret = unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(cut as i32), 0, 0) };
         if ret != 0 {

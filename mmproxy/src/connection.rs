@@ -97,7 +97,7 @@ impl TcpProxy {
                  server speaks first (SSH, SMTP) cannot work through it"
             ),
             Err(e) => {
-                debug!(%peer, side = %e.side(), error = %error_chain(&e), "connection failed")
+                debug!(%peer, side = %e.side(), error = %error_chain(&e), "connection failed");
             }
         }
     }

@@ -4,6 +4,8 @@
 //! denied and runs every test, the privileged ones included. Tests that need
 //! root skip loudly without it, and fail instead when `CI=true`.
 
+use std::{path::Path, process::Command};
+
 use anyhow::{Context as _, Result};
 
 use crate::{
@@ -18,7 +20,22 @@ pub(crate) struct Options {
     args: Vec<String>,
 }
 
+/// What the integration tests run besides the daemon, and the Debian
+/// package that provides each.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("/usr/sbin/haproxy", "haproxy"),
+    ("/usr/sbin/nginx", "nginx"),
+    (
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+        "libnginx-mod-stream",
+    ),
+    ("/usr/bin/ss", "iproute2"),
+    ("/usr/bin/prlimit", "util-linux"),
+    ("/usr/sbin/sysctl", "procps"),
+];
+
 pub(crate) fn test(opts: &Options) -> Result<()> {
+    ensure_test_tools()?;
     build_ebpf(&build_ebpf::Options::default())?;
     let root = workspace_root();
 
@@ -59,4 +76,26 @@ pub(crate) fn test(opts: &Options) -> Result<()> {
             .args(&opts.args),
     )
     .context("tests failed")
+}
+
+/// Installs the Debian packages of missing test tools (root only; without
+/// root the tests that need them skip anyway).
+fn ensure_test_tools() -> Result<()> {
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(path, _)| !Path::new(path).exists())
+        .map(|&(_, package)| package)
+        .collect();
+    if missing.is_empty() || !is_root() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing test tools: {}", missing.join(" "));
+    exec(Command::new("apt-get").args(["update", "-qq"])).context("apt-get update failed")?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("could not install {}", missing.join(" ")))
 }

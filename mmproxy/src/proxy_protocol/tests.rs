@@ -969,7 +969,8 @@ fn documented_difference(
         }
         // LOCAL ignores the family (spec 2.2); ppp rejects unknown values
         // or a block shorter than the family's addresses.
-        (Verdict::Accept { addrs: None, .. }, Verdict::Reject)
+        // (before the whole header is here, we wait; ppp already refuses).
+        (Verdict::Accept { addrs: None, .. } | Verdict::Incomplete, Verdict::Reject)
             if input.starts_with(V2_SIGNATURE) && input.get(12) == Some(&0x20) =>
         {
             Some("LOCAL ignores the address family")
