@@ -66,7 +66,7 @@ pub enum Counter {
     RedirectFailures = 2,
     /// skbs on a socket with no state entry (not armed, or being removed).
     NoPeer = 3,
-    /// Zero-length skbs (a FIN), passed: userspace propagates the close.
+    /// Zero-length skbs (a FIN), dropped: userspace propagates the close.
     Empty = 4,
     /// skbs that began before data already redirected, and were trimmed.
     OverlapsTrimmed = 5,

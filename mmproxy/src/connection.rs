@@ -129,6 +129,7 @@ impl TcpProxy {
             client,
             upstream: upstream.stream,
             early_data,
+            header_len: consumed,
         };
         Ok(self.forwarder.forward(conn).await?)
     }

@@ -8,10 +8,12 @@
 //! - [`connection`]: reads the PROXY header ([`proxy_protocol`], a pure
 //!   parser), decides where to connect and as whom.
 //! - [`upstream`]: the spoofed (IP_TRANSPARENT) socket to the backend.
-//! - [`forward`]: moves the bytes, [`forward::splice`] in userspace.
+//! - [`forward`]: moves the bytes, [`forward::splice`] in userspace or
+//!   [`forward::sockmap`] in the kernel ([`bpf`] loads the programs).
 //!
 //! [`error::Side`] names whose fault a failure is, in every subsystem.
 
+pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod connection;
@@ -20,4 +22,5 @@ pub mod forward;
 pub mod listener;
 pub mod proxy_protocol;
 pub mod server;
+pub mod sockopt;
 pub mod upstream;

@@ -11,10 +11,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
+    bpf::Datapath,
     cli::Mode,
     config::Config,
     connection::TcpProxy,
-    forward::{Forwarder, splice::SpliceForwarder},
+    forward::{Forwarder, sockmap::SockmapForwarder, splice::SpliceForwarder},
     listener::{self, AcceptContext, ListenError, ListenOptions},
     upstream::UpstreamOptions,
 };
@@ -98,11 +99,18 @@ fn choose_forwarder(mode: Mode) -> Result<Forwarder, StartError> {
     match mode {
         Mode::Plain => Ok(Forwarder::Plain(SpliceForwarder::new())),
         Mode::Auto => {
-            info!("mode auto: using plain (the ebpf data path is not available in this build)");
+            // Not yet proven by the full-duplex soak on this kernel
+            // (docs/ebpf-datapath.md): never a default that could corrupt.
+            info!(
+                "mode auto: using plain; the ebpf data path is opt-in (--mode ebpf) until the soak proves it"
+            );
             Ok(Forwarder::Plain(SpliceForwarder::new()))
         }
-        Mode::Ebpf => Err(StartError::EbpfUnavailable(
-            "the in-kernel data path is not available in this build; use --mode plain".into(),
-        )),
+        Mode::Ebpf => {
+            let datapath = Datapath::load()
+                .map_err(|e| StartError::EbpfUnavailable(crate::connection::error_chain(&e)))?;
+            info!("mode ebpf: verdict program attached");
+            Ok(Forwarder::Ebpf(SockmapForwarder::new(Arc::new(datapath))))
+        }
     }
 }

@@ -54,6 +54,9 @@ macro_rules! both_modes {
         mod plain {
             $(#[test] fn $name() { super::$name("plain") })*
         }
+        mod ebpf {
+            $(#[test] fn $name() { super::$name("ebpf") })*
+        }
     };
 }
 

@@ -11,6 +11,7 @@
 //! mirrored as a reset on the other (SO_LINGER 0), never as a clean FIN,
 //! so neither end mistakes a broken transfer for a complete one.
 
+pub mod sockmap;
 pub mod splice;
 
 use std::{io, time::Duration};
@@ -28,6 +29,8 @@ pub struct Connection {
     pub upstream: TcpStream,
     /// Client bytes that arrived behind the PROXY header.
     pub early_data: Bytes,
+    /// Length of the PROXY header read from the client.
+    pub header_len: usize,
 }
 
 /// Bytes moved in each direction.
@@ -52,6 +55,7 @@ pub struct ForwardError {
 #[derive(Debug)]
 pub enum Forwarder {
     Plain(splice::SpliceForwarder),
+    Ebpf(sockmap::SockmapForwarder),
 }
 
 impl Forwarder {
@@ -59,6 +63,7 @@ impl Forwarder {
     pub async fn forward(&self, conn: Connection) -> Result<Transferred, ForwardError> {
         match self {
             Forwarder::Plain(f) => f.forward(conn).await,
+            Forwarder::Ebpf(f) => f.forward(conn).await,
         }
     }
 
@@ -66,6 +71,7 @@ impl Forwarder {
     pub fn name(&self) -> &'static str {
         match self {
             Forwarder::Plain(_) => "plain",
+            Forwarder::Ebpf(_) => "ebpf",
         }
     }
 }

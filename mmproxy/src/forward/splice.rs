@@ -41,6 +41,7 @@ impl SpliceForwarder {
             client,
             upstream,
             early_data,
+            header_len: _,
         } = conn;
         let mut moved = Transferred::default();
         if let Err(source) = write_all(&upstream, &early_data).await {

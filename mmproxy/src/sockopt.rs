@@ -1,0 +1,79 @@
+//! Socket options that socket2 and rustix do not cover, each one small
+//! `unsafe` call in one place.
+
+use std::{io, mem, os::fd::AsRawFd};
+
+/// The parts of `struct tcp_info` (linux/tcp.h) the sockmap path uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpInfo {
+    pub state: u8,
+    /// `tcpi_bytes_acked`: bytes the peer acknowledged (RFC 4898).
+    pub bytes_acked: u64,
+    /// `tcpi_bytes_received`: bytes received in sequence (a FIN counts 1).
+    pub bytes_received: u64,
+}
+
+/// `TCP_CLOSE_WAIT` and later: the peer has sent its FIN.
+pub const TCP_STATES_AFTER_PEER_FIN: [u8; 4] = [8, 9, 11, 7]; // CLOSE_WAIT LAST_ACK CLOSING CLOSE
+
+// Offsets of the fields above in `struct tcp_info`, stable since 4.1.
+const TCPI_BYTES_ACKED_AT: usize = 120;
+const TCPI_BYTES_RECEIVED_AT: usize = 128;
+const TCPI_LEN: usize = 136;
+
+/// Reads `TCP_INFO`.
+pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
+    let mut buf = [0u8; 256];
+    let mut len = libc::socklen_t::try_from(buf.len()).unwrap_or(256);
+    // SAFETY: buf and len are valid for writes of len bytes; the kernel
+    // writes at most len bytes and updates len.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < TCPI_LEN {
+        return Err(io::Error::other(
+            "TCP_INFO too short for tcpi_bytes_received (kernel < 4.1)",
+        ));
+    }
+    let u64_at = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[at..at + 8]);
+        u64::from_ne_bytes(b)
+    };
+    Ok(TcpInfo {
+        state: buf[0],
+        bytes_acked: u64_at(TCPI_BYTES_ACKED_AT),
+        bytes_received: u64_at(TCPI_BYTES_RECEIVED_AT),
+    })
+}
+
+/// Sets `SO_RCVLOWAT`. On TCP this also re-checks the receive queue and
+/// calls `sk_data_ready` when data is waiting (`tcp_set_rcvlowat`), which
+/// for a sockmap socket runs the verdict on bytes queued before it was
+/// armed, without the `recv()` that the sockmap path must avoid.
+pub fn set_rcvlowat(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
+    // SAFETY: a valid pointer to an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const bytes).cast(),
+            libc::socklen_t::try_from(mem::size_of::<i32>()).unwrap_or(4),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
