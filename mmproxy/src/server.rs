@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use mmproxy_common::sockmap::Counter;
 use socket2::Type;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -91,6 +92,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             cut = ctx.connections.len(),
             "drain timeout reached; closing remaining connections"
         );
+    }
+    if let Forwarder::Ebpf(f) = &ctx.proxy.forwarder {
+        let counters = Counter::ALL.map(|c| (c.name(), f.datapath().counter(c)));
+        info!(?counters, "ebpf data path counters at exit");
     }
     Ok(())
 }

@@ -11,7 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sha2::{Digest as _, Sha256};
 use support::{
     Backend, BackendKind, Daemon, GREETING, Netns, connect_with_header, header, netns_or_skip,
     round_trip, sa, wait_closed,
@@ -219,19 +218,6 @@ fn payload_sent_with_the_header_and_server_speaks_first(mode: &'static str) {
     });
 }
 
-/// A seeded pseudo-random stream, so corruption cannot hide in a pattern.
-fn pattern_chunk(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[3]
-        })
-        .collect()
-}
-
 fn one_gib_each_way_verified_with_half_close(mode: &'static str) {
     let Some(ns) = netns_or_skip("one_gib_each_way") else {
         return;
@@ -239,46 +225,10 @@ fn one_gib_each_way_verified_with_half_close(mode: &'static str) {
     let _d = start(&ns, mode, &[]);
     ns.run(async {
         let _backend = Backend::start(BACKEND4, BackendKind::Echo).await;
-        let total: u64 = 1 << 30;
-        let s =
-            connect_with_header(sa(PROXY4), &header::v2(sa("192.0.2.1:40007"), sa(PROXY4))).await;
-        let (mut reader, mut writer) = s.into_split();
-        let chunk = pattern_chunk(7, 1 << 20);
-        let sent_digest = {
-            let chunk = chunk.clone();
-            tokio::spawn(async move {
-                let mut h = Sha256::new();
-                let mut sent = 0u64;
-                while sent < total {
-                    writer.write_all(&chunk).await.unwrap();
-                    h.update(&chunk);
-                    sent += chunk.len() as u64;
-                }
-                // Half-close: the echo must still come back in full.
-                writer.shutdown().await.unwrap();
-                h.finalize()
-            })
-        };
-        let mut h = Sha256::new();
-        let mut got = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf))
-                .await
-                .expect("echo stalled")
-                .unwrap();
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            got += n as u64;
-        }
-        assert_eq!(got, total, "bytes echoed");
-        assert_eq!(
-            h.finalize(),
-            sent_digest.await.unwrap(),
-            "SHA-256 of the echo"
-        );
+        let (sent, received) =
+            support::echo_verified(sa(PROXY4), sa("192.0.2.1:40007"), 1 << 30).await;
+        assert_eq!(received.0, 1 << 30, "bytes echoed");
+        assert_eq!(received.1, sent, "SHA-256 of the echo");
     });
 }
 
@@ -294,7 +244,7 @@ fn thousand_concurrent_connections(mode: &'static str) {
             tasks.push(tokio::spawn(async move {
                 let client = SocketAddr::from(([192, 0, 2, 1 + (i % 200) as u8], 20000 + i));
                 let mut s = connect_with_header(sa(PROXY4), &header::v2(client, sa(PROXY4))).await;
-                let msg = pattern_chunk(u64::from(i), 64);
+                let msg = support::pattern_chunk(u64::from(i), 64);
                 assert_eq!(round_trip(&mut s, &msg).await, msg);
                 // Hold every connection open until all have echoed.
                 s

@@ -7,6 +7,7 @@ mod build_ebpf;
 mod exec;
 mod fuzz;
 mod run;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Task {
     Test(test::Options),
     /// Run the PROXY protocol parser fuzzer for a bounded time.
     Fuzz(fuzz::Options),
+    /// The ebpf data path's soak, deeper than `test`, known defects included.
+    Soak(soak::Options),
 }
 
 fn main() {
@@ -37,6 +40,7 @@ fn main() {
         Task::Run(opts) => run::run(&opts),
         Task::Test(opts) => test::test(&opts),
         Task::Fuzz(opts) => fuzz::fuzz(&opts),
+        Task::Soak(opts) => soak::soak(&opts),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

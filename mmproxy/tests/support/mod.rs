@@ -406,6 +406,9 @@ pub enum BackendKind {
     ServerFirst,
     /// Read nothing; reset the connection at once.
     Reset,
+    /// Read to EOF, answer with the SHA-256 of what was read, close. For
+    /// the first `slow_for` after accepting, read 16 KiB every 10 ms.
+    Sink { slow_for: Duration },
 }
 
 pub const GREETING: &[u8] = b"220 backend ready\r\n";
@@ -472,6 +475,7 @@ async fn serve(mut stream: TcpStream, kind: BackendKind) -> Option<std::io::Erro
             }
         }
         BackendKind::Echo => {}
+        BackendKind::Sink { slow_for } => return sink(stream, slow_for).await,
     }
     let (mut r, mut w) = stream.split();
     let mut buf = vec![0u8; 256 * 1024];
@@ -548,4 +552,90 @@ pub async fn wait_closed(s: &mut TcpStream, timeout: Duration) -> Result<(), std
 
 pub fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
+}
+
+/// A seeded pseudo-random stream, so corruption cannot hide in a pattern.
+pub fn pattern_chunk(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[3]
+        })
+        .collect()
+}
+
+/// Sends `total` bytes of a seeded stream through the proxy to an echo
+/// backend while reading the echo, half-closes, and returns the SHA-256
+/// of what was sent and (bytes, SHA-256) of what came back.
+pub async fn echo_verified(
+    proxy: SocketAddr,
+    client: SocketAddr,
+    total: u64,
+) -> ([u8; 32], (u64, [u8; 32])) {
+    use sha2::{Digest as _, Sha256};
+    let s = connect_with_header(proxy, &header::v2(client, proxy)).await;
+    let (mut reader, mut writer) = s.into_split();
+    let chunk = pattern_chunk(client.port().into(), 1 << 20);
+    let sender = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut sent = 0u64;
+        while sent < total {
+            let n = usize::try_from((total - sent).min(chunk.len() as u64)).unwrap();
+            writer.write_all(&chunk[..n]).await.expect("send");
+            h.update(&chunk[..n]);
+            sent += n as u64;
+        }
+        // Half-close: the echo must still come back in full.
+        writer.shutdown().await.expect("half-close");
+        <[u8; 32]>::from(h.finalize())
+    });
+    let mut h = Sha256::new();
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf))
+            .await
+            .expect("echo stalled for 30 s")
+            .expect("read echo");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n as u64;
+    }
+    (sender.await.unwrap(), (got, h.finalize().into()))
+}
+
+/// Bytes every sink backend has read, for tests that watch progress.
+pub static SINK_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+async fn sink(mut stream: TcpStream, slow_for: Duration) -> Option<std::io::ErrorKind> {
+    use sha2::{Digest as _, Sha256};
+    let slow_until = Instant::now() + slow_for;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let slow = Instant::now() < slow_until;
+        let want = if slow { 16 * 1024 } else { buf.len() };
+        match stream.read(&mut buf[..want]).await {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                SINK_READ.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => return Some(e.kind()),
+        }
+        if slow {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let digest: [u8; 32] = h.finalize().into();
+    if let Err(e) = stream.write_all(&digest).await {
+        return Some(e.kind());
+    }
+    let _ = stream.shutdown().await;
+    None
 }

@@ -1,0 +1,233 @@
+//! The in-kernel data path's correctness soak (docs/ebpf-datapath.md):
+//! the cases where naive sockmap splicing duplicated, truncated or
+//! stalled data on this kernel, each content-verified end to end.
+//!
+//! `MMPROXY_SOAK_RUNS` sets the number of full-duplex 1 GiB runs (default
+//! 20, what `cargo xtask test` runs; `cargo xtask soak` runs more).
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use sha2::{Digest as _, Sha256};
+use support::{
+    Backend, BackendKind, Daemon, Netns, connect_with_header, header, netns_or_skip, sa,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const PROXY: &str = "127.0.0.1:8443";
+const BACKEND: &str = "127.0.0.1:9000";
+const GIB: u64 = 1 << 30;
+
+fn start(ns: &Netns, mode: &str) -> Daemon {
+    Daemon::start(ns, &["-l", PROXY, "-4", BACKEND, "--mode", mode, "-v", "1"])
+}
+
+fn soak_runs() -> u32 {
+    std::env::var("MMPROXY_SOAK_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+#[test]
+fn ebpf_full_duplex_1gib_echo_soak() {
+    let Some(ns) = netns_or_skip("ebpf_full_duplex_soak") else {
+        return;
+    };
+    let d = start(&ns, "ebpf");
+    let runs = soak_runs();
+    let failures = ns.run(async move {
+        let _backend = Backend::start(BACKEND, BackendKind::Echo).await;
+        let mut failures = Vec::new();
+        let started = Instant::now();
+        for run in 0..runs {
+            let client = SocketAddr::from(([192, 0, 2, 1], 30000 + u16::try_from(run).unwrap()));
+            // Each run in its own task, so a stall or mismatch is counted
+            // rather than ending the soak.
+            let outcome = tokio::spawn(support::echo_verified(sa(PROXY), client, GIB)).await;
+            match outcome {
+                Ok((sent, (got, echoed))) if got == GIB && echoed == sent => {}
+                Ok((_, (got, _))) => failures.push(format!("run {run}: {got} bytes or content differs")),
+                Err(e) => failures.push(format!("run {run}: {e}")),
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "soak: {runs} full-duplex runs of 1 GiB each way, {} failed, {:.2} Gbit/s each way on average",
+            failures.len(),
+            f64::from(runs) * 8.0 * f64::from(1u32 << 30) / secs / 1e9
+        );
+        failures
+    });
+    let resets = d.log().iter().filter(|l| l.contains("tripwire")).count();
+    d.signal(rustix::process::Signal::TERM);
+    let counters = d.wait_for_log("counters at exit", Duration::from_secs(10));
+    eprintln!("soak: tripwire resets {resets}; {counters}");
+    assert!(
+        failures.is_empty(),
+        "{failures:#?}\ntripwire resets: {resets}"
+    );
+}
+
+/// One-way 1 GiB uploads to a sink that answers with the SHA-256.
+#[test]
+fn ebpf_one_way_1gib_uploads() {
+    let Some(ns) = netns_or_skip("ebpf_one_way") else {
+        return;
+    };
+    let _d = start(&ns, "ebpf");
+    ns.run(async {
+        let _backend = Backend::start(
+            BACKEND,
+            BackendKind::Sink {
+                slow_for: Duration::ZERO,
+            },
+        )
+        .await;
+        for run in 0..4u16 {
+            let client = SocketAddr::from(([192, 0, 2, 1], 31000 + run));
+            let (sent, echoed) = upload(client, GIB).await;
+            assert_eq!(echoed, sent, "run {run}: the sink's SHA-256 differs");
+        }
+    });
+}
+
+#[test]
+fn ebpf_many_small_connections() {
+    let Some(ns) = netns_or_skip("ebpf_many_small") else {
+        return;
+    };
+    let _d = start(&ns, "ebpf");
+    ns.run(async {
+        let _backend = Backend::start(BACKEND, BackendKind::Echo).await;
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(50));
+        let mut tasks = Vec::new();
+        for i in 0..2000u16 {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let client =
+                    SocketAddr::from(([192, 0, 2, 2 + (i / 1000) as u8], 20000 + i % 1000));
+                let (sent, (got, echoed)) =
+                    support::echo_verified(sa(PROXY), client, 16 * 1024).await;
+                drop(permit);
+                (got == 16 * 1024 && sent == echoed, i)
+            }));
+        }
+        let mut bad = Vec::new();
+        for t in tasks {
+            let (ok, i) = t.await.unwrap();
+            if !ok {
+                bad.push(i);
+            }
+        }
+        assert!(bad.is_empty(), "connections with a wrong echo: {bad:?}");
+    });
+}
+
+/// Sends `total` bytes to a sink and returns (our SHA-256, the sink's).
+async fn upload(client: SocketAddr, total: u64) -> ([u8; 32], [u8; 32]) {
+    let mut s = connect_with_header(sa(PROXY), &header::v2(client, sa(PROXY))).await;
+    let chunk = support::pattern_chunk(client.port().into(), 1 << 20);
+    let mut h = Sha256::new();
+    let mut sent = 0;
+    while sent < total {
+        s.write_all(&chunk).await.unwrap();
+        h.update(&chunk);
+        sent += chunk.len() as u64;
+    }
+    s.shutdown().await.unwrap();
+    let mut theirs = [0u8; 32];
+    tokio::time::timeout(Duration::from_mins(1), s.read_exact(&mut theirs))
+        .await
+        .expect("sink answer")
+        .unwrap();
+    (h.finalize().into(), theirs)
+}
+
+/// A backend that reads slowly must not make the proxy host hold
+/// unbounded data. The client pushes 256 MiB as fast as it can while the
+/// backend reads 16 KiB every 10 ms for 3 s; "held" is what the proxy has
+/// acknowledged to the client but the backend has not read yet.
+fn slow_reader_holds_bounded_data(mode: &'static str) {
+    let Some(ns) = netns_or_skip("slow_reader") else {
+        return;
+    };
+    let _d = start(&ns, mode);
+    let held_max = ns.run(async move {
+        support::SINK_READ.store(0, Ordering::Relaxed);
+        let _backend = Backend::start(
+            BACKEND,
+            BackendKind::Sink {
+                slow_for: Duration::from_secs(3),
+            },
+        )
+        .await;
+        let client = sa("192.0.2.1:32000");
+        let s = connect_with_header(sa(PROXY), &header::v2(client, sa(PROXY))).await;
+        let header_len = header::v2(client, sa(PROXY)).len() as u64;
+        let probe = socket2::SockRef::from(&s).try_clone().unwrap();
+        let uploader = tokio::spawn(async move {
+            let mut s = s;
+            let chunk = support::pattern_chunk(7, 1 << 20);
+            let mut h = Sha256::new();
+            for _ in 0..256 {
+                s.write_all(&chunk).await.unwrap();
+                h.update(&chunk);
+            }
+            s.shutdown().await.unwrap();
+            let mut theirs = [0u8; 32];
+            s.read_exact(&mut theirs).await.unwrap();
+            (<[u8; 32]>::from(h.finalize()), theirs)
+        });
+        let mut held_max = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let acked = mmproxy::sockopt::tcp_info(&probe).unwrap().bytes_acked;
+            let read = support::SINK_READ.load(Ordering::Relaxed);
+            held_max = held_max.max(acked.saturating_sub(header_len + 1 + read));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (sent, theirs) = tokio::time::timeout(Duration::from_mins(1), uploader)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(sent, theirs, "content after the slow phase");
+        held_max
+    });
+    eprintln!(
+        "slow reader, mode {mode}: at most {:.1} MiB held by the proxy host",
+        mib(held_max)
+    );
+    assert!(
+        held_max < 64 << 20,
+        "{mode}: {held_max} bytes held: unbounded buffering"
+    );
+}
+
+#[test]
+fn plain_slow_reader_holds_bounded_data() {
+    slow_reader_holds_bounded_data("plain");
+}
+
+/// Known to fail: a verdict-only sockmap moves each skb out of the
+/// client socket's receive queue into the backend socket's psock backlog,
+/// which no socket buffer bounds, so TCP never closes the client's window.
+/// Measured here: 255.6 MiB held (plain: 4.8 MiB). `cargo xtask soak` runs
+/// it; docs/ebpf-datapath.md has the numbers. This is why `--mode auto`
+/// does not pick ebpf.
+#[test]
+#[ignore = "known defect of the sockmap data path: unbounded kernel buffering (docs/ebpf-datapath.md)"]
+fn ebpf_slow_reader_holds_bounded_data() {
+    slow_reader_holds_bounded_data("ebpf");
+}
+
+/// Bytes as MiB, for reports (exact below 2^52 bytes).
+#[expect(clippy::cast_precision_loss, reason = "reporting only")]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 20)
+}
