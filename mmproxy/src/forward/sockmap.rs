@@ -109,14 +109,14 @@ impl SockmapForwarder {
             .await
             .map_err(|e| fail(Side::Upstream, e, moved))?;
         upstream_leg.written_by_userspace = early_data.len() as u64;
-        let (eof_c, eof_u) = drain_readable(&mut client_leg, &mut upstream_leg)
+        let (client_eof, upstream_eof) = drain_readable(&mut client_leg, &mut upstream_leg)
             .await
             .map_err(|(side, e)| fail(side, e, moved))?;
         moved.client_to_upstream = upstream_leg.written_by_userspace;
         moved.upstream_to_client = client_leg.written_by_userspace;
 
         // 2. and 3.: arm, then kick anything that arrived meanwhile.
-        let armed = !(eof_c || eof_u)
+        let armed = !(client_eof || upstream_eof)
             && self
                 .datapath
                 .arm(
@@ -153,9 +153,7 @@ impl SockmapForwarder {
         let _ = sockopt::set_rcvlowat(&client, 1);
         let _ = sockopt::set_rcvlowat(&upstream, 1);
 
-        let result = self
-            .both_directions(client_leg, upstream_leg, (eof_c, eof_u))
-            .await;
+        let result = self.both_directions(client_leg, upstream_leg).await;
         self.datapath
             .disarm([client_leg.cookie, upstream_leg.cookie]);
         match result {
@@ -180,10 +178,9 @@ impl SockmapForwarder {
         &self,
         client: Leg<'_>,
         upstream: Leg<'_>,
-        already_eof: (bool, bool),
     ) -> Result<(u64, u64), (Side, io::Error)> {
-        let up = self.direction(client, upstream, already_eof.0);
-        let down = self.direction(upstream, client, already_eof.1);
+        let up = self.direction(client, upstream);
+        let down = self.direction(upstream, client);
         tokio::pin!(up, down);
         let (mut up_bytes, mut down_bytes) = (None, None);
         while up_bytes.is_none() || down_bytes.is_none() {
@@ -201,11 +198,8 @@ impl SockmapForwarder {
         &self,
         mut src: Leg<'_>,
         mut dst: Leg<'_>,
-        already_eof: bool,
     ) -> Result<u64, (Side, io::Error)> {
-        if !already_eof {
-            self.watch_until_eof(&mut src, &mut dst).await?;
-        }
+        self.watch_until_eof(&mut src, &mut dst).await?;
         let redirected = self.drain(&src, &dst).await?;
         match SockRef::from(dst.stream).shutdown(std::net::Shutdown::Write) {
             Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => return Err((dst.side, e)),
