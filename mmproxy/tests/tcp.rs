@@ -84,6 +84,7 @@ both_modes!(
     allowed_subnets_close_other_peers_before_reading,
     mark_is_set_on_upstream_sockets,
     listeners_open_that_many_reuseport_sockets,
+    listen_transparent_binds_an_address_that_is_not_local,
     max_connections_makes_extra_clients_wait,
     sigterm_stops_accepting_and_drains,
     emfile_storm_is_survived,
@@ -677,6 +678,47 @@ fn listeners_open_that_many_reuseport_sockets(mode: &'static str) {
             assert_eq!(round_trip(&mut s, b"x").await, b"x");
         }
         assert_eq!(backend.peers().len(), 20);
+    });
+}
+
+fn listen_transparent_binds_an_address_that_is_not_local(mode: &'static str) {
+    const FOREIGN: &str = "198.51.100.7:8443";
+    let Some(ns) = netns_or_skip("listen_transparent") else {
+        return;
+    };
+    // Without the flag the address cannot be bound: start-up fails, exit 1.
+    let out = ns
+        .command(support::daemon_binary())
+        .args(["-l", FOREIGN, "-4", BACKEND4, "--mode", mode])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen on 198.51.100.7:8443"),
+        "{stderr}"
+    );
+    // With it, IP_TRANSPARENT lets the listener take the address, as a
+    // TPROXY set-up needs; a route then delivers it locally.
+    let _d = Daemon::start(
+        &ns,
+        &[
+            "-l",
+            FOREIGN,
+            "--listen-transparent",
+            "-4",
+            BACKEND4,
+            "--mode",
+            mode,
+        ],
+    );
+    ns.ip(&["route", "add", "local", "198.51.100.7/32", "dev", "lo"]);
+    ns.run(async {
+        let backend = Backend::start(BACKEND4, BackendKind::Echo).await;
+        let client = sa("192.0.2.1:40021");
+        let mut s = connect_with_header(sa(FOREIGN), &header::v1(client, sa(FOREIGN))).await;
+        assert_eq!(round_trip(&mut s, b"tproxy").await, b"tproxy");
+        assert_eq!(backend.peers(), vec![client]);
     });
 }
 

@@ -94,6 +94,34 @@ pub(crate) fn mirror_failure(failed: Side, client: &TcpStream, upstream: &TcpStr
     }
 }
 
+/// A direction's result: bytes moved, or the failing side and its error.
+pub(crate) type DirectionResult = Result<u64, (Side, io::Error)>;
+
+/// Drives both directions of a connection until both have ended, and
+/// stops at the first failure: the caller then resets the other side.
+/// On failure, also returns the bytes of any direction that had finished.
+pub(crate) async fn until_both_end(
+    up: impl Future<Output = DirectionResult>,
+    down: impl Future<Output = DirectionResult>,
+) -> Result<(u64, u64), (Side, io::Error, Transferred)> {
+    tokio::pin!(up, down);
+    let (mut up_bytes, mut down_bytes) = (None, None);
+    while up_bytes.is_none() || down_bytes.is_none() {
+        let result = tokio::select! {
+            r = &mut up, if up_bytes.is_none() => r.map(|n| up_bytes = Some(n)),
+            r = &mut down, if down_bytes.is_none() => r.map(|n| down_bytes = Some(n)),
+        };
+        if let Err((side, error)) = result {
+            let finished = Transferred {
+                client_to_upstream: up_bytes.unwrap_or(0),
+                upstream_to_client: down_bytes.unwrap_or(0),
+            };
+            return Err((side, error, finished));
+        }
+    }
+    Ok((up_bytes.unwrap_or(0), down_bytes.unwrap_or(0)))
+}
+
 /// Writes all of `data` through a shared reference (both directions of a
 /// connection hold the same streams).
 pub(crate) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {

@@ -26,7 +26,8 @@ use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream};
 
 use super::{
-    Connection, ForwardError, Transferred, mirror_failure, splice::SpliceForwarder, write_all,
+    Connection, DirectionResult, ForwardError, Transferred, mirror_failure,
+    splice::SpliceForwarder, until_both_end, write_all,
 };
 use mmproxy_common::sockmap::Counter;
 
@@ -153,7 +154,9 @@ impl SockmapForwarder {
         let _ = sockopt::set_rcvlowat(&client, 1);
         let _ = sockopt::set_rcvlowat(&upstream, 1);
 
-        let result = self.both_directions(client_leg, upstream_leg).await;
+        let up = self.direction(client_leg, upstream_leg);
+        let down = self.direction(upstream_leg, client_leg);
+        let result = until_both_end(up, down).await;
         self.datapath
             .disarm([client_leg.cookie, upstream_leg.cookie]);
         match result {
@@ -162,7 +165,9 @@ impl SockmapForwarder {
                 moved.upstream_to_client += down;
                 Ok(moved)
             }
-            Err((side, source)) => {
+            Err((side, source, finished)) => {
+                moved.client_to_upstream += finished.client_to_upstream;
+                moved.upstream_to_client += finished.upstream_to_client;
                 tracing::debug!(
                     %side,
                     error = %source,
@@ -174,31 +179,9 @@ impl SockmapForwarder {
         }
     }
 
-    async fn both_directions(
-        &self,
-        client: Leg<'_>,
-        upstream: Leg<'_>,
-    ) -> Result<(u64, u64), (Side, io::Error)> {
-        let up = self.direction(client, upstream);
-        let down = self.direction(upstream, client);
-        tokio::pin!(up, down);
-        let (mut up_bytes, mut down_bytes) = (None, None);
-        while up_bytes.is_none() || down_bytes.is_none() {
-            tokio::select! {
-                r = &mut up, if up_bytes.is_none() => up_bytes = Some(r?),
-                r = &mut down, if down_bytes.is_none() => down_bytes = Some(r?),
-            }
-        }
-        Ok((up_bytes.unwrap_or(0), down_bytes.unwrap_or(0)))
-    }
-
     /// Watches `src` until its FIN, drains to `dst`, half-closes `dst`.
     /// Returns the bytes the kernel redirected.
-    async fn direction(
-        &self,
-        mut src: Leg<'_>,
-        mut dst: Leg<'_>,
-    ) -> Result<u64, (Side, io::Error)> {
+    async fn direction(&self, mut src: Leg<'_>, mut dst: Leg<'_>) -> DirectionResult {
         self.watch_until_eof(&mut src, &mut dst).await?;
         let redirected = self.drain(&src, &dst).await?;
         match SockRef::from(dst.stream).shutdown(std::net::Shutdown::Write) {

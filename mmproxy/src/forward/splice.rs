@@ -13,7 +13,10 @@ use std::{
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{Connection, ForwardError, Transferred, mirror_failure, write_all};
+use super::{
+    Connection, DirectionResult, ForwardError, Transferred, mirror_failure, until_both_end,
+    write_all,
+};
 use crate::error::Side;
 
 /// Pipe capacity: bytes in flight per direction. 256 KiB is four times
@@ -56,33 +59,23 @@ impl SpliceForwarder {
 
         let up = self.direction(&client, &upstream, Side::Client, Side::Upstream);
         let down = self.direction(&upstream, &client, Side::Upstream, Side::Client);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        while !(up_done && down_done) {
-            let (result, is_up) = tokio::select! {
-                r = &mut up, if !up_done => (r, true),
-                r = &mut down, if !down_done => (r, false),
-            };
-            match result {
-                Ok(n) if is_up => {
-                    moved.client_to_upstream += n;
-                    up_done = true;
-                }
-                Ok(n) => {
-                    moved.upstream_to_client += n;
-                    down_done = true;
-                }
-                Err((side, source)) => {
-                    mirror_failure(side, &client, &upstream);
-                    return Err(ForwardError {
-                        side,
-                        source,
-                        transferred: moved,
-                    });
-                }
+        match until_both_end(up, down).await {
+            Ok((up, down)) => {
+                moved.client_to_upstream += up;
+                moved.upstream_to_client += down;
+                Ok(moved)
+            }
+            Err((side, source, finished)) => {
+                mirror_failure(side, &client, &upstream);
+                moved.client_to_upstream += finished.client_to_upstream;
+                moved.upstream_to_client += finished.upstream_to_client;
+                Err(ForwardError {
+                    side,
+                    source,
+                    transferred: moved,
+                })
             }
         }
-        Ok(moved)
     }
 
     /// Moves `src` to `dst` until EOF, then half-closes `dst`.
@@ -92,7 +85,7 @@ impl SpliceForwarder {
         dst: &TcpStream,
         src_side: Side,
         dst_side: Side,
-    ) -> Result<u64, (Side, io::Error)> {
+    ) -> DirectionResult {
         let moved = match self.pool.take() {
             Ok(pipe) => {
                 let result = splice_until_eof(src, dst, &pipe, src_side, dst_side).await;
