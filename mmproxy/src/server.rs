@@ -104,10 +104,12 @@ fn choose_forwarder(mode: Mode) -> Result<Forwarder, StartError> {
     match mode {
         Mode::Plain => Ok(Forwarder::Plain(SpliceForwarder::new())),
         Mode::Auto => {
-            // Not yet proven by the full-duplex soak on this kernel
-            // (docs/ebpf-datapath.md): never a default that could corrupt.
+            // ebpf passes the suite and the soak, but a slow backend makes
+            // the kernel buffer without bound (docs/ebpf-datapath.md):
+            // never a default that can exhaust memory.
             info!(
-                "mode auto: using plain; the ebpf data path is opt-in (--mode ebpf) until the soak proves it"
+                "mode auto: using plain; --mode ebpf is opt-in until its kernel buffering is \
+                 bounded (docs/ebpf-datapath.md)"
             );
             Ok(Forwarder::Plain(SpliceForwarder::new()))
         }
