@@ -36,6 +36,9 @@ pub struct SocketState {
 
 /// `SocketState::next_seq` holds a sequence number.
 pub const STATE_SEQ_VALID: u32 = 1;
+/// The verdict passed an skb it could not trim: bytes on this socket's own
+/// queue overlap bytes already redirected. Userspace must reset.
+pub const STATE_TRIM_FAILED: u32 = 2;
 
 /// Offsets the verdict needs inside the kernel's `struct sk_buff`, read
 /// from the running kernel's BTF at start-up (never hard-coded: they differ

@@ -22,7 +22,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use mmproxy_common::sockmap::{
-    COUNTER_SLOTS, Counter, KernelOffsets, MAX_SOCKETS, STATE_SEQ_VALID, SocketState,
+    COUNTER_SLOTS, Counter, KernelOffsets, MAX_SOCKETS, STATE_SEQ_VALID, STATE_TRIM_FAILED,
+    SocketState,
 };
 
 #[map(name = "SOCKETS")]
@@ -132,6 +133,7 @@ fn skip_already_redirected(ctx: &SkBuffContext, state: &mut SocketState) -> Resu
     // cannot account for and resets the connection. Never a corrupt stream.
     if overlap > MAX_TRIM_PER_CALL || !shrink_front(ctx, overlap) {
         count(Counter::TrimFailures, 1);
+        state.flags |= STATE_TRIM_FAILED;
         return Err(SK_PASS);
     }
     count(Counter::OverlapsTrimmed, 1);

@@ -77,3 +77,26 @@ pub fn set_rcvlowat(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Sets `TCP_NOTSENT_LOWAT` to 0 (its default: use the sysctl), which also
+/// calls `sk_write_space` (`do_tcp_setsockopt`). On a sockmap socket that
+/// is `sk_psock_write_space`, which schedules the psock's backlog worker:
+/// the kick for redirected skbs waiting on a wakeup that was lost.
+pub fn kick_write_space(fd: &impl AsRawFd) -> io::Result<()> {
+    let zero: i32 = 0;
+    // SAFETY: a valid pointer to an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&raw const zero).cast(),
+            libc::socklen_t::try_from(mem::size_of::<i32>()).unwrap_or(4),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

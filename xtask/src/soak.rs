@@ -1,6 +1,6 @@
 //! `cargo xtask soak`: the in-kernel data path's correctness soak, deeper
-//! than the 20 runs `cargo xtask test` does, with the known-defect tests
-//! (`#[ignore]`d in CI) included so their measurements are printed.
+//! than the 20 runs `cargo xtask test` does and strict: resets and stalls
+//! fail it too, and the known-defect tests (`#[ignore]`d in CI) run.
 
 use anyhow::{Context as _, Result};
 
@@ -32,7 +32,8 @@ pub(crate) fn soak(opts: &Options) -> Result<()> {
                 "--",
             ])
             .args(["--include-ignored", "--nocapture", "--test-threads", "1"])
-            .env("MMPROXY_SOAK_RUNS", opts.runs.to_string()),
+            .env("MMPROXY_SOAK_RUNS", opts.runs.to_string())
+            .env("MMPROXY_SOAK_STRICT", "1"),
     )
     .context("the soak found failures (see above)")
 }

@@ -126,11 +126,16 @@ impl Datapath {
 
     /// Bytes the verdict redirected from the socket with this cookie.
     pub fn redirected(&self, cookie: u64) -> u64 {
+        self.state(cookie).bytes
+    }
+
+    /// The verdict's state for the socket with this cookie.
+    pub fn state(&self, cookie: u64) -> SocketState {
         let maps = self
             .maps
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        maps.states.get(&cookie, 0).map_or(0, |s| s.bytes)
+        maps.states.get(&cookie, 0).unwrap_or_default()
     }
 
     /// Removes a connection's sockets and states.

@@ -567,46 +567,90 @@ pub fn pattern_chunk(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// How an echo transfer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EchoEnd {
+    /// A clean end of stream.
+    Eof,
+    /// The proxy reset the connection: a loud failure.
+    Reset,
+    /// Nothing arrived for 30 s.
+    Stalled,
+    /// Another error.
+    Error(std::io::ErrorKind),
+}
+
+/// What came back from an echo transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EchoOutcome {
+    pub sent: [u8; 32],
+    pub received: u64,
+    pub received_sha256: [u8; 32],
+    pub end: EchoEnd,
+}
+
+impl EchoOutcome {
+    /// Everything came back, unaltered, with a clean end of stream.
+    pub fn is_complete(&self, total: u64) -> bool {
+        self.end == EchoEnd::Eof && self.received == total && self.received_sha256 == self.sent
+    }
+
+    /// A clean end of stream with missing or altered bytes: the failure a
+    /// proxy must never produce.
+    pub fn is_silent_failure(&self, total: u64) -> bool {
+        self.end == EchoEnd::Eof && !self.is_complete(total)
+    }
+}
+
 /// Sends `total` bytes of a seeded stream through the proxy to an echo
-/// backend while reading the echo, half-closes, and returns the SHA-256
-/// of what was sent and (bytes, SHA-256) of what came back.
-pub async fn echo_verified(
-    proxy: SocketAddr,
-    client: SocketAddr,
-    total: u64,
-) -> ([u8; 32], (u64, [u8; 32])) {
+/// backend while reading the echo, half-closes, and reports what came
+/// back and how the connection ended.
+pub async fn echo_verified(proxy: SocketAddr, client: SocketAddr, total: u64) -> EchoOutcome {
     use sha2::{Digest as _, Sha256};
     let s = connect_with_header(proxy, &header::v2(client, proxy)).await;
     let (mut reader, mut writer) = s.into_split();
     let chunk = pattern_chunk(client.port().into(), 1 << 20);
+    let mut expected = Sha256::new();
+    let mut left = total;
+    while left > 0 {
+        let n = usize::try_from(left.min(chunk.len() as u64)).unwrap();
+        expected.update(&chunk[..n]);
+        left -= n as u64;
+    }
     let sender = tokio::spawn(async move {
-        let mut h = Sha256::new();
         let mut sent = 0u64;
         while sent < total {
             let n = usize::try_from((total - sent).min(chunk.len() as u64)).unwrap();
-            writer.write_all(&chunk[..n]).await.expect("send");
-            h.update(&chunk[..n]);
+            if writer.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
             sent += n as u64;
         }
         // Half-close: the echo must still come back in full.
-        writer.shutdown().await.expect("half-close");
-        <[u8; 32]>::from(h.finalize())
+        let _ = writer.shutdown().await;
     });
     let mut h = Sha256::new();
-    let mut got = 0u64;
+    let mut received = 0u64;
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf))
-            .await
-            .expect("echo stalled for 30 s")
-            .expect("read echo");
-        if n == 0 {
-            break;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf)).await {
+            Err(_) => break EchoEnd::Stalled,
+            Ok(Ok(0)) => break EchoEnd::Eof,
+            Ok(Ok(n)) => {
+                h.update(&buf[..n]);
+                received += n as u64;
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => break EchoEnd::Reset,
+            Ok(Err(e)) => break EchoEnd::Error(e.kind()),
         }
-        h.update(&buf[..n]);
-        got += n as u64;
+    };
+    sender.abort();
+    EchoOutcome {
+        sent: expected.finalize().into(),
+        received,
+        received_sha256: h.finalize().into(),
+        end,
     }
-    (sender.await.unwrap(), (got, h.finalize().into()))
 }
 
 /// Bytes every sink backend has read, for tests that watch progress.
