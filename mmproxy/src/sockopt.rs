@@ -61,21 +61,7 @@ pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
 /// for a sockmap socket runs the verdict on bytes queued before it was
 /// armed, without the `recv()` that the sockmap path must avoid.
 pub fn set_rcvlowat(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
-    // SAFETY: a valid pointer to an int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const bytes).cast(),
-            libc::socklen_t::try_from(mem::size_of::<i32>()).unwrap_or(4),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
 }
 
 /// Sets `TCP_NOTSENT_LOWAT` to 0 (its default: use the sysctl), which also
@@ -83,14 +69,18 @@ pub fn set_rcvlowat(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
 /// is `sk_psock_write_space`, which schedules the psock's backlog worker:
 /// the kick for redirected skbs waiting on a wakeup that was lost.
 pub fn kick_write_space(fd: &impl AsRawFd) -> io::Result<()> {
-    let zero: i32 = 0;
-    // SAFETY: a valid pointer to an int of the size passed.
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, 0)
+}
+
+/// `setsockopt` with an `int` value.
+fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: a valid pointer to an int, and its size.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            (&raw const zero).cast(),
+            level,
+            name,
+            (&raw const value).cast(),
             libc::socklen_t::try_from(mem::size_of::<i32>()).unwrap_or(4),
         )
     };
