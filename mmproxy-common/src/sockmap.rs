@@ -5,6 +5,10 @@
 pub const SOCKETS_MAP: &str = "SOCKETS";
 /// `HashMap<u64, SocketState>`: per spliced socket, its peer and progress.
 pub const STATES_MAP: &str = "STATES";
+/// `HashMap<u64, u64>`: per socket, the passed bytes userspace has read
+/// and forwarded by hand. Only userspace writes it (so it never races the
+/// verdict's own updates of [`SocketState`]).
+pub const USER_READ_MAP: &str = "USER_READ";
 /// `PerCpuArray<u64>`: one slot per [`Counter`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// `Array<KernelOffsets>` with one entry, filled by userspace from BTF.
@@ -27,6 +31,11 @@ pub struct SocketState {
     pub peer_cookie: u64,
     /// Payload bytes this socket handed to its peer through the verdict.
     pub bytes: u64,
+    /// Payload bytes the verdict passed to this socket's own queue: the
+    /// peer was not armed yet, or earlier passed bytes were still unread.
+    /// While userspace has read fewer ([`USER_READ_MAP`]), the verdict keeps
+    /// passing, so bytes reach the peer in order.
+    pub passed: u64,
     /// TCP sequence number just past the last byte given to the verdict;
     /// valid when `flags & STATE_SEQ_VALID`. See `docs/ebpf-datapath.md`.
     pub next_seq: u32,
@@ -80,11 +89,13 @@ pub enum Counter {
     /// A trim the kernel refused (`bpf_skb_adjust_room` failed); the skb
     /// was passed to its own socket rather than redirected with old bytes.
     TrimFailures = 8,
+    /// skbs passed because earlier passed bytes were still unread.
+    PassedInOrder = 9,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 10] = [
         Counter::RedirectedSkbs,
         Counter::RedirectedBytes,
         Counter::RedirectFailures,
@@ -94,6 +105,7 @@ impl Counter {
         Counter::OverlapBytes,
         Counter::DuplicatesDropped,
         Counter::TrimFailures,
+        Counter::PassedInOrder,
     ];
 
     /// A name for logs and metrics labels.
@@ -108,16 +120,17 @@ impl Counter {
             Counter::OverlapBytes => "overlap_bytes",
             Counter::DuplicatesDropped => "duplicates_dropped",
             Counter::TrimFailures => "trim_failures",
+            Counter::PassedInOrder => "passed_in_order",
         }
     }
 }
 
 /// Number of slots in [`COUNTERS_MAP`].
-#[expect(clippy::cast_possible_truncation, reason = "nine counters fit any u32")]
+#[expect(clippy::cast_possible_truncation, reason = "ten counters fit any u32")]
 pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
 
 // The kernel side and userspace must agree on these layouts byte for byte.
-const _: () = assert!(core::mem::size_of::<SocketState>() == 24);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 32);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 16);
 
 #[cfg(feature = "user")]

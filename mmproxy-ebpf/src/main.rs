@@ -32,6 +32,9 @@ static SOCKETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map(name = "STATES")]
 static STATES: HashMap<u64, SocketState> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
+#[map(name = "USER_READ")]
+static USER_READ: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -82,6 +85,15 @@ fn try_redirect_to_peer(ctx: &SkBuffContext) -> Result<u32, u32> {
     }
 
     let len = u64::from(ctx.len());
+    // Bytes passed earlier that userspace has not forwarded yet must reach
+    // the peer first: keep passing behind them until it catches up.
+    // SAFETY: map value pointers stay valid for the program's run.
+    let user_read = unsafe { USER_READ.get(&cookie) }.copied().unwrap_or(0);
+    if state.passed > user_read {
+        state.passed += len;
+        count(Counter::PassedInOrder, 1);
+        return Ok(SK_PASS);
+    }
     let action = SOCKETS.redirect_skb(ctx, state.peer_cookie, 0);
     if action == i64::from(SK_PASS) {
         state.bytes += len;
@@ -89,7 +101,9 @@ fn try_redirect_to_peer(ctx: &SkBuffContext) -> Result<u32, u32> {
         count(Counter::RedirectedBytes, len);
         Ok(SK_PASS)
     } else {
-        // The peer left the map. Keep the data where userspace can see it.
+        // The peer is not in the map (yet, or any more). Keep the data on
+        // this socket, in order, for userspace to forward.
+        state.passed += len;
         count(Counter::RedirectFailures, 1);
         Err(SK_PASS)
     }

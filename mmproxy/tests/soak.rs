@@ -144,6 +144,69 @@ fn ebpf_many_small_connections() {
     });
 }
 
+/// The backend answers the client's first byte with a 4 MiB burst, which
+/// arrives while mmproxy arms the connection (widened to 50 ms by fault
+/// injection): the first skbs find no peer and are passed, and every later
+/// one must queue behind them rather than overtake them. The client must
+/// get the burst whole and in order.
+#[test]
+fn ebpf_reply_racing_the_arming_stays_in_order() {
+    const CONNECTIONS: u16 = 20;
+    let Some(ns) = netns_or_skip("ebpf_burst_arming") else {
+        return;
+    };
+    // Widen the moment between the two inserts so the reply lands in it.
+    let mut cmd = ns.command(support::daemon_binary());
+    cmd.env("MMPROXY_FAULT_ARM_GAP_MS", "50");
+    let d = Daemon::start_with(
+        cmd,
+        &["-l", PROXY, "-4", BACKEND, "--mode", "ebpf", "-v", "1"],
+    );
+    let bad = ns.run(async {
+        let _backend = Backend::start(
+            BACKEND,
+            BackendKind::Burst {
+                bytes: 4 << 20,
+                delay: Duration::from_millis(10),
+            },
+        )
+        .await;
+        let mut bad = Vec::new();
+        for i in 0..CONNECTIONS {
+            let client = SocketAddr::from(([192, 0, 2, 3], 33000 + i));
+            let mut bytes = header::v2(client, sa(PROXY));
+            bytes.push(b'!');
+            let mut s = tokio::net::TcpStream::connect(PROXY).await.unwrap();
+            s.write_all(&bytes).await.unwrap();
+            let mut got = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+            if !matches!(read, Ok(Ok(_)))
+                || got != support::pattern_chunk(client.port().into(), 4 << 20)
+            {
+                bad.push((i, got.len()));
+            }
+        }
+        bad
+    });
+    d.signal(rustix::process::Signal::TERM);
+    let counters = d.wait_for_log("counters at exit", Duration::from_secs(20));
+    eprintln!(
+        "burst during arming: {} of {CONNECTIONS} wrong; {counters}",
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "connections with a wrong reply (index, bytes): {bad:?}"
+    );
+    // The window was really hit: redirects failed, and later skbs were
+    // passed behind the unread ones instead of overtaking them.
+    assert!(
+        !counters.contains("(\"redirect_failures\", 0)"),
+        "{counters}"
+    );
+    assert!(!counters.contains("(\"passed_in_order\", 0)"), "{counters}");
+}
+
 /// Sends `total` bytes to a sink and returns (our SHA-256, the sink's).
 async fn upload(client: SocketAddr, total: u64) -> ([u8; 32], [u8; 32]) {
     let mut s = connect_with_header(sa(PROXY), &header::v2(client, sa(PROXY))).await;

@@ -13,7 +13,7 @@ use aya::{
 };
 use mmproxy_common::sockmap::{
     COUNTERS_MAP, Counter, KernelOffsets, OFFSETS_MAP, SOCKETS_MAP, STATES_MAP, SocketState,
-    VERDICT_PROGRAM,
+    USER_READ_MAP, VERDICT_PROGRAM,
 };
 
 /// The object `cargo xtask build-ebpf` built (path set by build.rs).
@@ -53,6 +53,7 @@ impl std::fmt::Debug for Datapath {
 struct Maps {
     sockets: SockHash<MapData, u64>,
     states: HashMap<MapData, u64, SocketState>,
+    user_read: HashMap<MapData, u64, u64>,
 }
 
 impl Datapath {
@@ -69,6 +70,7 @@ impl Datapath {
         let mut ebpf = Ebpf::load(OBJECT).map_err(LoadError::Object)?;
         let sockets: SockHash<MapData, u64> = take(&mut ebpf, SOCKETS_MAP)?;
         let states: HashMap<MapData, u64, SocketState> = take(&mut ebpf, STATES_MAP)?;
+        let user_read: HashMap<MapData, u64, u64> = take(&mut ebpf, USER_READ_MAP)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, COUNTERS_MAP)?;
         let mut offsets: Array<MapData, KernelOffsets> = take(&mut ebpf, OFFSETS_MAP)?;
         offsets
@@ -96,32 +98,49 @@ impl Datapath {
         program.attach(&map_fd).map_err(LoadError::Program)?;
         Ok(Self {
             _ebpf: ebpf,
-            maps: Mutex::new(Maps { sockets, states }),
+            maps: Mutex::new(Maps {
+                sockets,
+                states,
+                user_read,
+            }),
             counters,
         })
     }
 
     /// Splices two sockets: each one's skbs go out of the other. The
-    /// states go in first, then the upstream socket, then the client: a
-    /// redirect to a socket not yet in the map would fail.
-    pub fn arm(
+    /// states go in first, then the upstream socket, then the client. Bytes
+    /// that arrive on the upstream socket before the client is in the map
+    /// are passed, in order, for userspace to forward (`SocketState::passed`).
+    /// `gap` widens the moment between the two inserts (fault injection for
+    /// tests, `MMPROXY_FAULT_ARM_GAP_MS`).
+    pub async fn arm(
         &self,
         client: (&impl AsRawFd, u64),
         upstream: (&impl AsRawFd, u64),
+        gap: Option<std::time::Duration>,
     ) -> Result<(), aya::maps::MapError> {
-        let mut maps = self
-            .maps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let state = |peer| SocketState {
             peer_cookie: peer,
             ..SocketState::default()
         };
-        maps.states.insert(client.1, state(upstream.1), 0)?;
-        maps.states.insert(upstream.1, state(client.1), 0)?;
-        maps.sockets.insert(upstream.1, upstream.0.as_raw_fd(), 0)?;
-        maps.sockets.insert(client.1, client.0.as_raw_fd(), 0)?;
-        Ok(())
+        {
+            let mut maps = self.lock();
+            maps.states.insert(client.1, state(upstream.1), 0)?;
+            maps.states.insert(upstream.1, state(client.1), 0)?;
+            maps.sockets.insert(upstream.1, upstream.0.as_raw_fd(), 0)?;
+        }
+        if let Some(gap) = gap {
+            tokio::time::sleep(gap).await;
+        }
+        self.lock()
+            .sockets
+            .insert(client.1, client.0.as_raw_fd(), 0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Bytes the verdict redirected from the socket with this cookie.
@@ -147,7 +166,19 @@ impl Datapath {
         for cookie in cookies {
             let _ = maps.sockets.remove(&cookie);
             let _ = maps.states.remove(&cookie);
+            let _ = maps.user_read.remove(&cookie);
         }
+    }
+
+    /// Records that userspace has read and forwarded `bytes` passed bytes
+    /// of this socket in total; the verdict resumes redirecting once this
+    /// catches up with what it passed.
+    pub fn set_user_read(&self, cookie: u64, bytes: u64) -> Result<(), aya::maps::MapError> {
+        let mut maps = self
+            .maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        maps.user_read.insert(cookie, bytes, 0)
     }
 
     /// Sum over CPUs of one counter.

@@ -57,6 +57,9 @@ pub struct SockmapForwarder {
     /// ESTABLISHED sockets into a sockmap, so a side that has already sent
     /// its FIN is forwarded in userspace for the rest of the connection.
     fallback: SpliceForwarder,
+    /// Fault injection for tests: a pause between the two map inserts,
+    /// from `MMPROXY_FAULT_ARM_GAP_MS` at start-up. None in production.
+    arm_gap: Option<Duration>,
 }
 
 /// One socket of a connection and its accounting.
@@ -69,6 +72,9 @@ struct Leg<'a> {
     read_by_userspace: u64,
     /// Payload bytes userspace wrote to this socket.
     written_by_userspace: u64,
+    /// Of `read_by_userspace`, the bytes the verdict passed to this socket
+    /// after arming (reported to it through `USER_READ`).
+    passed_read: u64,
     /// `tcpi_bytes_acked` before any payload was written (it may count
     /// the SYN).
     acked_baseline: u64,
@@ -76,9 +82,20 @@ struct Leg<'a> {
 
 impl SockmapForwarder {
     pub fn new(datapath: Arc<Datapath>) -> Self {
+        let arm_gap = std::env::var("MMPROXY_FAULT_ARM_GAP_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis);
+        if let Some(gap) = arm_gap {
+            tracing::warn!(
+                ?gap,
+                "fault injection: pausing between the two sockmap inserts"
+            );
+        }
         Self {
             datapath,
             fallback: SpliceForwarder::new(),
+            arm_gap,
         }
     }
 
@@ -126,7 +143,9 @@ impl SockmapForwarder {
                 .arm(
                     (&client, client_leg.cookie),
                     (&upstream, upstream_leg.cookie),
+                    self.arm_gap,
                 )
+                .await
                 .is_ok();
         if !armed {
             // A FIN came first (before or while arming). Whatever the
@@ -238,10 +257,7 @@ impl SockmapForwarder {
                         )),
                     ));
                 }
-                if buf.is_empty() {
-                    buf.resize(PREARM_READ_BYTES, 0);
-                }
-                if forward_readable(src, dst, &mut buf).await? {
+                if self.forward_passed(src, dst, &mut buf).await? {
                     return Ok(());
                 }
             }
@@ -283,16 +299,20 @@ impl SockmapForwarder {
     /// Waits until everything `src` received has been acknowledged by
     /// `dst`'s peer. Returns the bytes redirected from `src`.
     async fn drain(&self, src: &Leg<'_>, dst: &Leg<'_>) -> Result<u64, (Side, io::Error)> {
+        let (mut src, mut dst) = (*src, *dst);
+        let mut buf = Vec::new();
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         let mut send = SendWatch::new();
         loop {
-            let (redirected, info) = self.check_books(src, true)?;
+            let (redirected, info) = self.check_books(&src, true)?;
             let received = data_received(&info, true);
             if src.read_by_userspace + redirected < received {
-                // Queued but not yet through the verdict.
+                // Passed to this socket and unread, or queued but not yet
+                // through the verdict.
+                self.forward_passed(&mut src, &mut dst, &mut buf).await?;
                 let _ = sockopt::set_rcvlowat(src.stream, 1);
             } else {
-                if send.check(src, dst, redirected)? {
+                if send.check(&src, &dst, redirected)? {
                     return Ok(redirected);
                 }
                 if let Some(e) = dst.stream.take_error().map_err(|e| (dst.side, e))? {
@@ -310,6 +330,30 @@ impl SockmapForwarder {
             }
             tokio::time::sleep(DRAIN_POLL).await;
         }
+    }
+
+    /// Reads the bytes the verdict passed to `src` and forwards them by
+    /// hand, then tells the verdict how far userspace got: until then it
+    /// keeps passing rather than redirecting, so order holds. Returns true
+    /// at EOF.
+    async fn forward_passed(
+        &self,
+        src: &mut Leg<'_>,
+        dst: &mut Leg<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, (Side, io::Error)> {
+        if buf.is_empty() {
+            buf.resize(PREARM_READ_BYTES, 0);
+        }
+        let before = src.read_by_userspace;
+        let eof = forward_readable(src, dst, buf).await?;
+        if src.read_by_userspace > before {
+            src.passed_read += src.read_by_userspace - before;
+            self.datapath
+                .set_user_read(src.cookie, src.passed_read)
+                .map_err(|e| (Side::Internal, io::Error::other(e)))?;
+        }
+        Ok(eof)
     }
 
     /// The tripwire: the verdict can never have redirected more than TCP
@@ -414,6 +458,7 @@ fn leg(stream: &TcpStream, side: Side) -> io::Result<Leg<'_>> {
         side,
         read_by_userspace: 0,
         written_by_userspace: 0,
+        passed_read: 0,
         acked_baseline: sockopt::tcp_info(stream)?.bytes_acked,
     })
 }

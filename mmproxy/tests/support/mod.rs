@@ -409,6 +409,9 @@ pub enum BackendKind {
     /// Read to EOF, answer with the SHA-256 of what was read, close. For
     /// the first `slow_for` after accepting, read 16 KiB every 10 ms.
     Sink { slow_for: Duration },
+    /// On the first byte, wait `delay`, send `bytes` of the stream seeded
+    /// by the client's port, then close: a reply that races the arming.
+    Burst { bytes: usize, delay: Duration },
 }
 
 pub const GREETING: &[u8] = b"220 backend ready\r\n";
@@ -476,6 +479,19 @@ async fn serve(mut stream: TcpStream, kind: BackendKind) -> Option<std::io::Erro
         }
         BackendKind::Echo => {}
         BackendKind::Sink { slow_for } => return sink(stream, slow_for).await,
+        BackendKind::Burst { bytes, delay } => {
+            let mut first = [0u8; 1];
+            if let Err(e) = stream.read_exact(&mut first).await {
+                return Some(e.kind());
+            }
+            tokio::time::sleep(delay).await;
+            let port = stream.peer_addr().map_or(0, |a| a.port());
+            if let Err(e) = stream.write_all(&pattern_chunk(port.into(), bytes)).await {
+                return Some(e.kind());
+            }
+            let _ = stream.shutdown().await;
+            return None;
+        }
     }
     let (mut r, mut w) = stream.split();
     let mut buf = vec![0u8; 256 * 1024];
