@@ -182,14 +182,17 @@ impl SockmapForwarder {
         self.datapath
             .disarm([client_leg.cookie, upstream_leg.cookie]);
         match result {
-            Ok((up, down)) => {
-                moved.client_to_upstream += up;
-                moved.upstream_to_client += down;
-                Ok(moved)
-            }
+            Ok((up, down)) => Ok(Transferred {
+                client_to_upstream: up,
+                upstream_to_client: down,
+            }),
             Err((side, source, finished)) => {
-                moved.client_to_upstream += finished.client_to_upstream;
-                moved.upstream_to_client += finished.upstream_to_client;
+                // A finished direction's total includes what was written
+                // before arming; an unfinished one's is at least that.
+                moved.client_to_upstream =
+                    moved.client_to_upstream.max(finished.client_to_upstream);
+                moved.upstream_to_client =
+                    moved.upstream_to_client.max(finished.upstream_to_client);
                 tracing::debug!(
                     %side,
                     error = %source,
@@ -202,15 +205,16 @@ impl SockmapForwarder {
     }
 
     /// Watches `src` until its FIN, drains to `dst`, half-closes `dst`.
-    /// Returns the bytes the kernel redirected.
+    /// Returns every byte delivered to `dst`: written by hand (before and
+    /// after arming) plus redirected by the kernel.
     async fn direction(&self, mut src: Leg<'_>, mut dst: Leg<'_>) -> DirectionResult {
         self.watch_until_eof(&mut src, &mut dst).await?;
-        let redirected = self.drain(&src, &dst).await?;
+        let redirected = self.drain(&mut src, &mut dst).await?;
         match SockRef::from(dst.stream).shutdown(std::net::Shutdown::Write) {
             Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => return Err((dst.side, e)),
             _ => {}
         }
-        Ok(redirected)
+        Ok(dst.written_by_userspace + redirected)
     }
 
     async fn watch_until_eof(
@@ -261,7 +265,7 @@ impl SockmapForwarder {
                     return Ok(());
                 }
             }
-            let (redirected, info) = self.check_books(src, false)?;
+            let (redirected, info) = self.check_books(src)?;
             if sockopt::TCP_STATES_AFTER_PEER_FIN.contains(&info.state) {
                 return Ok(());
             }
@@ -298,21 +302,20 @@ impl SockmapForwarder {
 
     /// Waits until everything `src` received has been acknowledged by
     /// `dst`'s peer. Returns the bytes redirected from `src`.
-    async fn drain(&self, src: &Leg<'_>, dst: &Leg<'_>) -> Result<u64, (Side, io::Error)> {
-        let (mut src, mut dst) = (*src, *dst);
+    async fn drain(&self, src: &mut Leg<'_>, dst: &mut Leg<'_>) -> Result<u64, (Side, io::Error)> {
         let mut buf = Vec::new();
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         let mut send = SendWatch::new();
         loop {
-            let (redirected, info) = self.check_books(&src, true)?;
-            let received = data_received(&info, true);
+            let (redirected, info) = self.check_books(src)?;
+            let received = data_received(&info);
             if src.read_by_userspace + redirected < received {
                 // Passed to this socket and unread, or queued but not yet
                 // through the verdict.
-                self.forward_passed(&mut src, &mut dst, &mut buf).await?;
+                self.forward_passed(src, dst, &mut buf).await?;
                 let _ = sockopt::set_rcvlowat(src.stream, 1);
             } else {
-                if send.check(&src, &dst, redirected)? {
+                if send.check(src, dst, redirected)? {
                     return Ok(redirected);
                 }
                 if let Some(e) = dst.stream.take_error().map_err(|e| (dst.side, e))? {
@@ -363,10 +366,10 @@ impl SockmapForwarder {
     /// redirected(t1) <= received(t1) <= received(t2) holds for a correct
     /// stream. Read the other way round, skbs that arrive between the two
     /// reads look like duplicates.
-    fn check_books(&self, src: &Leg<'_>, eof: bool) -> Result<(u64, TcpInfo), (Side, io::Error)> {
+    fn check_books(&self, src: &Leg<'_>) -> Result<(u64, TcpInfo), (Side, io::Error)> {
         let redirected = self.datapath.redirected(src.cookie);
         let info = sockopt::tcp_info(src.stream).map_err(|e| (src.side, e))?;
-        let received = data_received(&info, eof);
+        let received = data_received(&info);
         if src.read_by_userspace + redirected > received {
             return Err((
                 Side::Internal,
@@ -443,8 +446,8 @@ impl SendWatch {
 
 /// Payload bytes received; after the peer's FIN `tcpi_bytes_received`
 /// also counts the FIN's sequence number.
-fn data_received(info: &TcpInfo, eof: bool) -> u64 {
-    if eof && sockopt::TCP_STATES_AFTER_PEER_FIN.contains(&info.state) {
+fn data_received(info: &TcpInfo) -> u64 {
+    if sockopt::TCP_STATES_AFTER_PEER_FIN.contains(&info.state) {
         info.bytes_received.saturating_sub(1)
     } else {
         info.bytes_received
