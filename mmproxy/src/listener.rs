@@ -15,7 +15,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use crate::{config::AllowedSubnets, connection::TcpProxy};
+use crate::{config::AllowedSubnets, connection::TcpProxy, sockopt};
 
 /// Connections the kernel queues before we accept them. Independent of
 /// `--listeners` (mmproxy-rs passed that as the backlog: 500 concurrent
@@ -43,25 +43,18 @@ pub struct ListenError {
     pub source: io::Error,
 }
 
-/// Opens the listening sockets for `socket_type` (TCP or UDP).
-pub fn bind_sockets(opts: &ListenOptions, socket_type: Type) -> Result<Vec<Socket>, ListenError> {
-    (0..opts.count)
-        .map(|_| bind_one(opts, socket_type))
-        .collect()
+/// Opens the TCP listening sockets.
+pub fn bind_sockets(opts: &ListenOptions) -> Result<Vec<Socket>, ListenError> {
+    (0..opts.count).map(|_| bind_one(opts)).collect()
 }
 
-fn bind_one(opts: &ListenOptions, socket_type: Type) -> Result<Socket, ListenError> {
+fn bind_one(opts: &ListenOptions) -> Result<Socket, ListenError> {
     let addr = opts.addr;
     let fail = |hint: &'static str| move |source| ListenError { addr, hint, source };
-    let protocol = if socket_type == Type::DGRAM {
-        Protocol::UDP
-    } else {
-        Protocol::TCP
-    };
     let socket = Socket::new(
         Domain::for_address(addr),
-        socket_type.nonblocking().cloexec(),
-        Some(protocol),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
     )
     .map_err(fail(""))?;
     socket.set_reuse_address(true).map_err(fail(""))?;
@@ -73,19 +66,13 @@ fn bind_one(opts: &ListenOptions, socket_type: Type) -> Result<Socket, ListenErr
         let _ = socket.set_only_v6(false);
     }
     if opts.transparent {
-        let set = if addr.is_ipv4() {
-            socket.set_ip_transparent_v4(true)
-        } else {
-            socket.set_ip_transparent_v6(true)
-        };
-        set.map_err(fail(" (IP_TRANSPARENT needs CAP_NET_ADMIN)"))?;
+        sockopt::set_transparent(&socket, addr)
+            .map_err(fail(" (IP_TRANSPARENT needs CAP_NET_ADMIN)"))?;
     }
     socket
         .bind(&addr.into())
         .map_err(fail(" (in use, or not a local address)"))?;
-    if socket_type == Type::STREAM {
-        socket.listen(LISTEN_BACKLOG).map_err(fail(""))?;
-    }
+    socket.listen(LISTEN_BACKLOG).map_err(fail(""))?;
     Ok(socket)
 }
 

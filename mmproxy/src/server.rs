@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use mmproxy_common::sockmap::Counter;
-use socket2::Type;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -46,7 +45,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         count: config.listeners,
         transparent: config.listen_transparent,
     };
-    let sockets = listener::bind_sockets(&opts, Type::STREAM)?;
+    let sockets = listener::bind_sockets(&opts)?;
     let ctx = AcceptContext {
         proxy: Arc::new(TcpProxy {
             config: config.clone(),

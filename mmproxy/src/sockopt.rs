@@ -1,7 +1,19 @@
-//! Socket options that socket2 and rustix do not cover, each one small
-//! `unsafe` call in one place.
+//! Socket options in one place: the family-dependent transparent flag,
+//! and the ones socket2 and rustix do not cover (each a small `unsafe`
+//! call).
 
 use std::{io, mem, os::fd::AsRawFd};
+
+/// Sets `IP_TRANSPARENT` or `IPV6_TRANSPARENT`, whichever matches the
+/// address family the socket is used for: it may then bind addresses that
+/// are not local (spoofed sources, TPROXY listeners).
+pub fn set_transparent(socket: &socket2::Socket, addr: std::net::SocketAddr) -> io::Result<()> {
+    if addr.is_ipv4() {
+        socket.set_ip_transparent_v4(true)
+    } else {
+        socket.set_ip_transparent_v6(true)
+    }
+}
 
 /// The parts of `struct tcp_info` (linux/tcp.h) the sockmap path uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

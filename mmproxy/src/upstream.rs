@@ -11,7 +11,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 
-use crate::{cli::SourcePortPolicy, error::Side};
+use crate::{cli::SourcePortPolicy, error::Side, sockopt};
 
 /// How upstream sockets are made.
 #[derive(Debug, Clone, Copy)]
@@ -158,12 +158,7 @@ fn new_socket(
     )
     .map_err(UpstreamError::Socket)?;
     if spoof {
-        let transparent = if backend.is_ipv4() {
-            socket.set_ip_transparent_v4(true)
-        } else {
-            socket.set_ip_transparent_v6(true)
-        };
-        transparent.map_err(UpstreamError::Transparent)?;
+        sockopt::set_transparent(&socket, backend).map_err(UpstreamError::Transparent)?;
         socket
             .set_reuse_address(true)
             .map_err(UpstreamError::Socket)?;
