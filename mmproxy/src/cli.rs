@@ -123,6 +123,26 @@ pub struct Cli {
     /// the listeners close.
     #[arg(long = "drain-timeout", value_name = "SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+
+    /// UDP: every (each datagram starts with a PROXY v2 DGRAM header) or
+    /// first (only a flow's first datagram does, as Cloudflare Spectrum
+    /// and frp send; later ones from the same balancer address:port
+    /// belong to that client).
+    #[arg(long = "udp-header", value_name = "WHEN", default_value = "every")]
+    pub udp_header: UdpHeaderMode,
+
+    /// UDP: most sessions (client flows) at once; beyond it the least
+    /// recently used session is closed.
+    #[arg(long = "max-udp-sessions", value_name = "N", default_value_t = 65536,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_udp_sessions: u32,
+}
+
+/// Which UDP datagrams carry a PROXY header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UdpHeaderMode {
+    Every,
+    First,
 }
 
 /// Which protocols to serve.
@@ -200,6 +220,8 @@ const LONG_FLAGS: &[&str] = &[
     "max-connections",
     "source-port",
     "drain-timeout",
+    "udp-header",
+    "max-udp-sessions",
     "help",
     "version",
 ];

@@ -9,7 +9,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::cli::{Cli, Mode, Protocols, SourcePortPolicy};
+use crate::cli::{Cli, Mode, Protocols, SourcePortPolicy, UdpHeaderMode};
 
 /// Everything the proxy needs, checked once at start-up.
 #[derive(Debug, Clone)]
@@ -34,6 +34,8 @@ pub struct Config {
     pub max_connections: u32,
     pub source_port: SourcePortPolicy,
     pub drain_timeout: Duration,
+    pub udp_header: UdpHeaderMode,
+    pub max_udp_sessions: u32,
 }
 
 impl Config {
@@ -62,6 +64,8 @@ impl Config {
             max_connections: cli.max_connections,
             source_port: cli.source_port,
             drain_timeout: Duration::from_secs(cli.drain_timeout_secs),
+            udp_header: cli.udp_header,
+            max_udp_sessions: cli.max_udp_sessions,
         })
     }
 

@@ -11,6 +11,10 @@
 //! - [`forward`]: moves the bytes, [`forward::splice`] in userspace or
 //!   [`forward::sockmap`] in the kernel ([`bpf`] loads the programs).
 //!
+//!
+//! A UDP datagram takes [`udp`]: [`udp::frontend`] receives it,
+//! [`udp::session`] maps it to a client's spoofed upstream socket.
+//!
 //! [`error::Side`] names whose fault a failure is, in every subsystem.
 
 pub mod bpf;
@@ -23,4 +27,5 @@ pub mod listener;
 pub mod proxy_protocol;
 pub mod server;
 pub mod sockopt;
+pub mod udp;
 pub mod upstream;

@@ -1,4 +1,4 @@
-//! Listening sockets and accept loops.
+//! Listening sockets (TCP and UDP) and the TCP accept loops.
 //!
 //! `--listeners N` binds N sockets with SO_REUSEPORT; the kernel spreads
 //! new connections across them, and each has its own accept loop. An
@@ -45,16 +45,36 @@ pub struct ListenError {
 
 /// Opens the TCP listening sockets.
 pub fn bind_sockets(opts: &ListenOptions) -> Result<Vec<Socket>, ListenError> {
-    (0..opts.count).map(|_| bind_one(opts)).collect()
+    (0..opts.count)
+        .map(|_| {
+            let socket = bind_one(opts, Type::STREAM, Protocol::TCP)?;
+            socket
+                .listen(LISTEN_BACKLOG)
+                .map_err(|source| ListenError {
+                    addr: opts.addr,
+                    hint: "",
+                    source,
+                })?;
+            Ok(socket)
+        })
+        .collect()
 }
 
-fn bind_one(opts: &ListenOptions) -> Result<Socket, ListenError> {
+/// Opens the UDP sockets: with `--listeners N`, N sockets on one address
+/// (SO_REUSEPORT), the kernel spreading flows across them by hash.
+pub fn bind_udp_sockets(opts: &ListenOptions) -> Result<Vec<Socket>, ListenError> {
+    (0..opts.count)
+        .map(|_| bind_one(opts, Type::DGRAM, Protocol::UDP))
+        .collect()
+}
+
+fn bind_one(opts: &ListenOptions, kind: Type, protocol: Protocol) -> Result<Socket, ListenError> {
     let addr = opts.addr;
     let fail = |hint: &'static str| move |source| ListenError { addr, hint, source };
     let socket = Socket::new(
         Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
+        kind.nonblocking().cloexec(),
+        Some(protocol),
     )
     .map_err(fail(""))?;
     socket.set_reuse_address(true).map_err(fail(""))?;
@@ -72,7 +92,6 @@ fn bind_one(opts: &ListenOptions) -> Result<Socket, ListenError> {
     socket
         .bind(&addr.into())
         .map_err(fail(" (in use, or not a local address)"))?;
-    socket.listen(LISTEN_BACKLOG).map_err(fail(""))?;
     Ok(socket)
 }
 

@@ -1,6 +1,6 @@
-//! Start-up and shutdown: opens the listeners, runs the accept loops, and
-//! on shutdown stops accepting and drains open connections for a bounded
-//! time.
+//! Start-up and shutdown: opens the TCP and UDP listeners, runs their
+//! loops, and on shutdown stops accepting and drains open TCP connections
+//! for a bounded time.
 
 use std::sync::Arc;
 
@@ -13,10 +13,11 @@ use tracing::{info, warn};
 use crate::{
     bpf::Datapath,
     cli::Mode,
-    config::Config,
+    config::{AllowedSubnets, Config},
     connection::TcpProxy,
     forward::{Forwarder, sockmap::SockmapForwarder, splice::SpliceForwarder},
     listener::{self, AcceptContext, ListenError, ListenOptions},
+    udp::{UdpProxy, frontend::FrontendSocket},
     upstream::UpstreamOptions,
 };
 
@@ -29,44 +30,68 @@ pub enum StartError {
     Register(#[source] std::io::Error),
     #[error("--mode ebpf: {0}")]
     EbpfUnavailable(String),
-    #[error("-p udp is not available yet")]
-    UdpUnavailable,
 }
 
 /// Runs the proxy until `shutdown` is cancelled, then drains.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
     let config = Arc::new(config);
-    if config.protocols.udp {
-        return Err(StartError::UdpUnavailable);
-    }
-    let forwarder = choose_forwarder(config.mode)?;
-    let opts = ListenOptions {
-        addr: config.listen,
-        count: config.listeners,
-        transparent: config.listen_transparent,
+    let allowed = Arc::new(ArcSwap::from_pointee(config.allowed_subnets.clone()));
+    let upstream = UpstreamOptions {
+        mark: config.mark,
+        source_port: config.source_port,
+        connect_timeout: config.connect_timeout,
     };
-    let sockets = listener::bind_sockets(&opts)?;
+    let loops = TaskTracker::new();
+    let tcp = if config.protocols.tcp {
+        Some(start_tcp(&config, upstream, &allowed, &loops, &shutdown)?)
+    } else {
+        None
+    };
+    let udp = if config.protocols.udp {
+        Some(start_udp(&config, upstream, &allowed, &loops, &shutdown)?)
+    } else {
+        None
+    };
+
+    shutdown.cancelled().await;
+    loops.close();
+    loops.wait().await;
+    if let Some(ctx) = tcp {
+        drain_tcp(&ctx, config.drain_timeout).await;
+    }
+    if let Some(udp) = udp {
+        let counters = udp.stats.counters();
+        info!(?counters, header_errors = ?udp.stats.header_errors(),
+              session_errors = ?udp.stats.session_errors(), "udp counters at exit");
+    }
+    Ok(())
+}
+
+fn start_tcp(
+    config: &Arc<Config>,
+    upstream: UpstreamOptions,
+    allowed: &Arc<ArcSwap<AllowedSubnets>>,
+    loops: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<AcceptContext, StartError> {
+    let forwarder = choose_forwarder(config.mode)?;
+    let sockets = listener::bind_sockets(&listen_options(config))?;
     let ctx = AcceptContext {
         proxy: Arc::new(TcpProxy {
             config: config.clone(),
-            upstream: UpstreamOptions {
-                mark: config.mark,
-                source_port: config.source_port,
-                connect_timeout: config.connect_timeout,
-            },
+            upstream,
             forwarder,
         }),
-        allowed: Arc::new(ArcSwap::from_pointee(config.allowed_subnets.clone())),
+        allowed: allowed.clone(),
         permits: Arc::new(Semaphore::new(config.max_connections as usize)),
         connections: TaskTracker::new(),
         shutdown: shutdown.clone(),
     };
-    let accept_loops = TaskTracker::new();
     for socket in sockets {
         let std_listener: std::net::TcpListener = socket.into();
         let listener =
             tokio::net::TcpListener::from_std(std_listener).map_err(StartError::Register)?;
-        accept_loops.spawn(listener::accept_loop(listener, ctx.clone()));
+        loops.spawn(listener::accept_loop(listener, ctx.clone()));
     }
     info!(
         listen = %config.listen,
@@ -76,14 +101,53 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         mode = ctx.proxy.forwarder.name(),
         "listening (tcp)"
     );
+    Ok(ctx)
+}
 
-    shutdown.cancelled().await;
-    accept_loops.close();
-    accept_loops.wait().await;
+fn start_udp(
+    config: &Arc<Config>,
+    upstream: UpstreamOptions,
+    allowed: &Arc<ArcSwap<AllowedSubnets>>,
+    loops: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Arc<UdpProxy>, StartError> {
+    let sockets = listener::bind_udp_sockets(&listen_options(config))?;
+    let proxy = Arc::new(UdpProxy::new(config.clone(), upstream, allowed.clone()));
+    for socket in sockets {
+        let socket = FrontendSocket::new(socket, config.listen).map_err(StartError::Register)?;
+        loops.spawn(proxy.clone().serve(Arc::new(socket), shutdown.clone()));
+    }
+    loops.spawn(proxy.clone().sweep(shutdown.clone()));
+    info!(
+        listen = %config.listen,
+        listeners = config.listeners,
+        target4 = %config.target4,
+        target6 = %config.target6,
+        header = ?config.udp_header,
+        close_after = ?config.udp_idle_timeout,
+        max_sessions = config.max_udp_sessions,
+        "listening (udp)"
+    );
+    Ok(proxy)
+}
+
+fn listen_options(config: &Config) -> ListenOptions {
+    ListenOptions {
+        addr: config.listen,
+        count: config.listeners,
+        transparent: config.listen_transparent,
+    }
+}
+
+async fn drain_tcp(ctx: &AcceptContext, drain_timeout: std::time::Duration) {
     let open = ctx.connections.len();
-    info!(open, drain_timeout = ?config.drain_timeout, "stopped accepting; draining connections");
+    info!(
+        open,
+        ?drain_timeout,
+        "stopped accepting; draining connections"
+    );
     ctx.connections.close();
-    if tokio::time::timeout(config.drain_timeout, ctx.connections.wait())
+    if tokio::time::timeout(drain_timeout, ctx.connections.wait())
         .await
         .is_err()
     {
@@ -96,7 +160,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         let counters = Counter::ALL.map(|c| (c.name(), f.datapath().counter(c)));
         info!(?counters, "ebpf data path counters at exit");
     }
-    Ok(())
 }
 
 fn choose_forwarder(mode: Mode) -> Result<Forwarder, StartError> {

@@ -68,6 +68,19 @@ impl UpstreamError {
         }
     }
 
+    /// A short fixed name for metrics labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::Socket(_) => "socket",
+            UpstreamError::Transparent(_) => "transparent",
+            UpstreamError::Mark { .. } => "mark",
+            UpstreamError::Bind { .. } => "bind",
+            UpstreamError::SourcePortInUse { .. } => "source_port_in_use",
+            UpstreamError::Connect { .. } => "connect",
+            UpstreamError::ConnectTimeout { .. } => "connect_timeout",
+        }
+    }
+
     /// The errno, when there is one (metrics label).
     pub fn errno(&self) -> Option<i32> {
         match self {
@@ -150,18 +163,30 @@ fn new_socket(
     opts: &UpstreamOptions,
     spoof: bool,
 ) -> Result<Socket, UpstreamError> {
-    let domain = Domain::for_address(backend);
-    let socket = Socket::new(
-        domain,
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )
-    .map_err(UpstreamError::Socket)?;
+    let socket = new_raw_socket(backend, opts, spoof, Type::STREAM, Protocol::TCP)?;
     if spoof {
-        sockopt::set_transparent(&socket, backend).map_err(UpstreamError::Transparent)?;
+        // TCP only: lets a client port still in TIME_WAIT be bound again
+        // (connect then decides). On UDP it would let two sessions share
+        // one source and steal each other's replies.
         socket
             .set_reuse_address(true)
             .map_err(UpstreamError::Socket)?;
+    }
+    Ok(socket)
+}
+
+fn new_raw_socket(
+    backend: SocketAddr,
+    opts: &UpstreamOptions,
+    spoof: bool,
+    kind: Type,
+    protocol: Protocol,
+) -> Result<Socket, UpstreamError> {
+    let domain = Domain::for_address(backend);
+    let socket = Socket::new(domain, kind.nonblocking().cloexec(), Some(protocol))
+        .map_err(UpstreamError::Socket)?;
+    if spoof {
+        sockopt::set_transparent(&socket, backend).map_err(UpstreamError::Transparent)?;
     }
     if opts.mark != 0 {
         socket
@@ -217,4 +242,62 @@ pub fn tune_stream(stream: &TcpStream) {
         .with_interval(Duration::from_secs(10))
         .with_retries(6);
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// A connected UDP socket to the backend and the source it really uses.
+#[derive(Debug)]
+pub struct UdpUpstream {
+    pub socket: std::net::UdpSocket,
+    pub local: SocketAddr,
+    pub fell_back: bool,
+}
+
+/// Opens a UDP socket bound to `source` (when spoofing) and connected to
+/// `backend`, with the same source-port policy as TCP. Connecting makes
+/// the kernel deliver only the backend's datagrams to it, and report the
+/// backend's ICMP errors on it.
+pub fn connect_udp(
+    backend: SocketAddr,
+    source: Option<SocketAddr>,
+    opts: &UpstreamOptions,
+) -> Result<UdpUpstream, UpstreamError> {
+    let wanted = source.map(|source| match opts.source_port {
+        SourcePortPolicy::Ephemeral => SocketAddr::new(source.ip(), 0),
+        SourcePortPolicy::Fallback | SourcePortPolicy::Strict => source,
+    });
+    match open_udp(backend, wanted, opts) {
+        Err(UpstreamError::Bind { source: e, addr }) if addr.port() != 0 && is_port_in_use(&e) => {
+            if opts.source_port == SourcePortPolicy::Strict {
+                return Err(UpstreamError::SourcePortInUse { addr });
+            }
+            let mut up = open_udp(backend, Some(SocketAddr::new(addr.ip(), 0)), opts)?;
+            up.fell_back = true;
+            Ok(up)
+        }
+        other => other,
+    }
+}
+
+fn open_udp(
+    backend: SocketAddr,
+    source: Option<SocketAddr>,
+    opts: &UpstreamOptions,
+) -> Result<UdpUpstream, UpstreamError> {
+    let socket = new_raw_socket(backend, opts, source.is_some(), Type::DGRAM, Protocol::UDP)?;
+    if let Some(source) = source {
+        bind(&socket, source)?;
+    }
+    socket
+        .connect(&backend.into())
+        .map_err(|source| UpstreamError::Connect { backend, source })?;
+    let local = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| UpstreamError::Socket(io::Error::other("no local address")))?;
+    Ok(UdpUpstream {
+        socket: socket.into(),
+        local,
+        fell_back: false,
+    })
 }

@@ -510,6 +510,8 @@ async fn serve(mut stream: TcpStream, kind: BackendKind) -> Option<std::io::Erro
     None
 }
 
+pub mod udp;
+
 /// The PROXY headers tests send.
 pub mod header {
     use std::net::SocketAddr;
@@ -530,6 +532,21 @@ pub mod header {
 
     pub fn v2_local() -> Vec<u8> {
         V2Builder::local().build().unwrap()
+    }
+
+    /// A v2 header for a UDP flow.
+    pub fn v2_dgram(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+        V2Builder::proxy(Transport::Datagram, src, dst)
+            .build()
+            .unwrap()
+    }
+
+    /// A v2 LOCAL header declaring DGRAM (a balancer's own UDP check).
+    pub fn v2_local_dgram() -> Vec<u8> {
+        let mut h = V2Builder::local().build().unwrap();
+        // Byte 13: family (high nibble, UNSPEC) and transport (low, DGRAM).
+        h[13] = 0x02;
+        h
     }
 }
 

@@ -1,0 +1,188 @@
+//! The balancer-facing UDP socket: receives datagrams with the local
+//! address each was sent to, and sends replies from that address.
+//!
+//! A socket bound to a wildcard address (0.0.0.0, [::]) on a host with
+//! several addresses would otherwise answer from whichever address the
+//! routing table picks, and the balancer drops replies from an address
+//! it did not send to (a bug reported against go-mmproxy). IP_PKTINFO /
+//! IPV6_RECVPKTINFO tell us the destination of each datagram; the same
+//! control message on `sendmsg` sets the source of the reply.
+
+use std::{
+    io::{self, IoSlice, IoSliceMut},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd as _,
+};
+
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrLike as _, SockaddrStorage, recvmsg,
+    sendmsg, setsockopt, sockopt,
+};
+use tokio::{io::Interest, net::UdpSocket};
+
+/// One datagram's metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram {
+    pub len: usize,
+    /// The balancer's address (IPv4 ones as `::ffff:a.b.c.d` on a
+    /// dual-stack socket: replies must go to that form).
+    pub from: SocketAddr,
+    /// The local address it was sent to; `None` when the socket is bound
+    /// to a specific address (which is then the only possible one).
+    pub to: Option<IpAddr>,
+    /// The datagram did not fit the buffer (never with a 64 KiB buffer).
+    pub truncated: bool,
+}
+
+/// A listening UDP socket that knows each datagram's local address.
+#[derive(Debug)]
+pub struct FrontendSocket {
+    io: UdpSocket,
+    pktinfo: bool,
+}
+
+/// Room for one `IPV6_PKTINFO` (the larger of the two) control message.
+pub fn control_buffer() -> Vec<u8> {
+    nix::cmsg_space!(libc::in6_pktinfo)
+}
+
+impl FrontendSocket {
+    /// Wraps a bound socket; asks for packet info when it is bound to a
+    /// wildcard address.
+    pub fn new(socket: socket2::Socket, bound: SocketAddr) -> io::Result<Self> {
+        let pktinfo = bound.ip().is_unspecified();
+        if pktinfo {
+            match bound {
+                SocketAddr::V4(_) => setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?,
+                SocketAddr::V6(_) => setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)?,
+            }
+        }
+        let std_socket: std::net::UdpSocket = socket.into();
+        Ok(Self {
+            io: UdpSocket::from_std(std_socket)?,
+            pktinfo,
+        })
+    }
+
+    /// Waits for the next datagram.
+    pub async fn recv(&self, buf: &mut [u8], control: &mut [u8]) -> io::Result<Datagram> {
+        self.io
+            .async_io(Interest::READABLE, || self.try_recv(buf, control))
+            .await
+    }
+
+    fn try_recv(&self, buf: &mut [u8], control: &mut [u8]) -> io::Result<Datagram> {
+        let capacity = buf.len();
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = recvmsg::<SockaddrStorage>(
+            self.io.as_raw_fd(),
+            &mut iov,
+            Some(control),
+            MsgFlags::MSG_TRUNC,
+        )?;
+        let from = msg
+            .address
+            .as_ref()
+            .and_then(to_socket_addr)
+            .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+        let mut to = None;
+        for cmsg in msg.cmsgs()? {
+            match cmsg {
+                ControlMessageOwned::Ipv4PacketInfo(info) => {
+                    to = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        info.ipi_addr.s_addr,
+                    ))));
+                }
+                ControlMessageOwned::Ipv6PacketInfo(info) => {
+                    to = Some(IpAddr::from(info.ipi6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        Ok(Datagram {
+            // With MSG_TRUNC the kernel returns the datagram's real size.
+            len: msg.bytes.min(capacity),
+            from,
+            to,
+            truncated: msg.bytes > capacity,
+        })
+    }
+
+    /// Sends `payload` to `to`, from the local address `from` when the
+    /// socket is a wildcard one. Waits while the socket buffer is full.
+    pub async fn send(
+        &self,
+        payload: &[u8],
+        to: SocketAddr,
+        from: Option<IpAddr>,
+    ) -> io::Result<()> {
+        let from = if self.pktinfo { from } else { None };
+        self.io
+            .async_io(Interest::WRITABLE, || {
+                send_from(&self.io, payload, to, from)
+            })
+            .await
+            .map(drop)
+    }
+}
+
+impl FrontendSocket {
+    /// Sends without waiting; `WouldBlock` when the socket buffer is full.
+    pub fn try_send(&self, payload: &[u8], to: SocketAddr, from: Option<IpAddr>) -> io::Result<()> {
+        let from = if self.pktinfo { from } else { None };
+        self.io
+            .try_io(Interest::WRITABLE, || {
+                send_from(&self.io, payload, to, from)
+            })
+            .map(drop)
+    }
+}
+
+fn send_from(
+    socket: &UdpSocket,
+    payload: &[u8],
+    to: SocketAddr,
+    from: Option<IpAddr>,
+) -> io::Result<usize> {
+    let iov = [IoSlice::new(payload)];
+    let dest = SockaddrStorage::from(to);
+    let fd = socket.as_raw_fd();
+    let sent = match from {
+        None => sendmsg(fd, &iov, &[], MsgFlags::empty(), Some(&dest)),
+        Some(IpAddr::V4(src)) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(src).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
+            sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(&dest))
+        }
+        Some(IpAddr::V6(src)) => {
+            // An IPv4 balancer on a dual-stack socket: the kernel takes the
+            // mapped address from IPV6_PKTINFO too (ip_cmsg_send).
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: src.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            let cmsg = [ControlMessage::Ipv6PacketInfo(&info)];
+            sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(&dest))
+        }
+    };
+    Ok(sent?)
+}
+
+fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    if let Some(v6) = addr.as_sockaddr_in6() {
+        return Some(SocketAddr::V6(SocketAddrV6::from(*v6)));
+    }
+    debug_assert!(addr.family().is_none(), "unexpected address family");
+    None
+}

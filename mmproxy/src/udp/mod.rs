@@ -1,0 +1,281 @@
+//! The UDP proxy, in userspace.
+//!
+//! A datagram's path: [`frontend::FrontendSocket`] receives it with the
+//! local address it was sent to; [`UdpProxy::on_datagram`] checks the
+//! sender against `--allowed-subnets`, strips the PROXY v2 DGRAM header
+//! (the same parser as TCP), and finds or opens the client's
+//! [`session::Session`], whose spoofed, connected upstream socket sends
+//! the payload to the backend. The session's task relays replies back to
+//! the balancer from the address the balancer sent to. A sweeper closes
+//! idle sessions (`--close-after`).
+//!
+//! Datagrams are forwarded whole or dropped, never cut: every drop is
+//! counted by reason in [`stats::UdpStats`].
+
+pub mod frontend;
+pub mod session;
+pub mod stats;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use self::{
+    frontend::{Datagram, FrontendSocket, control_buffer},
+    session::{Clock, Route, Session, SessionKey, SessionTable},
+    stats::{UdpStats, inc},
+};
+use crate::{
+    cli::UdpHeaderMode,
+    config::{AllowedSubnets, Config},
+    connection::error_chain,
+    proxy_protocol::{self, Action, Status, Transport},
+    upstream::{self, UpstreamOptions},
+};
+
+/// Largest UDP payload over IPv6 (65,535 minus the 8-byte UDP header);
+/// over IPv4 it is 65,507. A buffer this size never truncates.
+pub const MAX_DATAGRAM: usize = 65_527;
+
+/// What every listening socket shares.
+#[derive(Debug)]
+pub struct UdpProxy {
+    config: Arc<Config>,
+    upstream: UpstreamOptions,
+    allowed: Arc<ArcSwap<AllowedSubnets>>,
+    sessions: SessionTable,
+    clock: Clock,
+    pub stats: Arc<UdpStats>,
+}
+
+/// Where a datagram's payload goes.
+struct Classified<'a> {
+    key: SessionKey,
+    /// `None`: no header (first-datagram mode); the session knows.
+    route: Option<Route>,
+    payload: &'a [u8],
+}
+
+impl UdpProxy {
+    pub fn new(
+        config: Arc<Config>,
+        upstream: UpstreamOptions,
+        allowed: Arc<ArcSwap<AllowedSubnets>>,
+    ) -> Self {
+        Self {
+            sessions: SessionTable::new(config.max_udp_sessions as usize),
+            config,
+            upstream,
+            allowed,
+            clock: Clock::new(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Open sessions now.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Receives on one listening socket until `shutdown`.
+    pub async fn serve(self: Arc<Self>, socket: Arc<FrontendSocket>, shutdown: CancellationToken) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut control = control_buffer();
+        loop {
+            let received = tokio::select! {
+                r = socket.recv(&mut buf, &mut control) => r,
+                () = shutdown.cancelled() => return,
+            };
+            match received {
+                Ok(datagram) => self.on_datagram(&socket, &buf[..datagram.len], datagram),
+                Err(e) => {
+                    // ENOBUFS/ENOMEM: the datagram is gone, the socket is fine.
+                    warn!(error = %e, "receiving a datagram failed");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Closes idle sessions every so often until `shutdown`, then all.
+    pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+        let idle = self.config.udp_idle_timeout;
+        let period = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            let expired = self.sessions.expire(self.clock.now_ms(), idle);
+            if expired > 0 {
+                self.stats
+                    .sessions_expired
+                    .fetch_add(expired as u64, std::sync::atomic::Ordering::Relaxed);
+                debug!(
+                    expired,
+                    open = self.sessions.len(),
+                    "idle UDP sessions closed"
+                );
+            }
+        }
+        self.sessions.close_all();
+    }
+
+    fn on_datagram(&self, socket: &Arc<FrontendSocket>, data: &[u8], meta: Datagram) {
+        inc(&self.stats.received);
+        if !self.allowed.load().allows(meta.from.ip().to_canonical()) {
+            inc(&self.stats.refused_peer);
+            debug!(peer = %meta.from, "datagram from a peer not in --allowed-subnets; dropped");
+            return;
+        }
+        if meta.truncated {
+            inc(&self.stats.oversize);
+            debug!(peer = %meta.from, "datagram larger than {MAX_DATAGRAM} bytes; dropped");
+            return;
+        }
+        let Some(c) = self.classify(data, meta.from) else {
+            return;
+        };
+        let Some(session) = self.session_for(c.key, c.route, socket, meta) else {
+            return;
+        };
+        session.forward(c.payload, &self.stats, self.clock.now_ms());
+    }
+
+    /// Strips and interprets the header, or maps a headerless datagram to
+    /// its flow (`--udp-header first`). `None`: dropped and counted.
+    fn classify<'a>(&self, data: &'a [u8], frontend: SocketAddr) -> Option<Classified<'a>> {
+        let refused = match proxy_protocol::parse(data) {
+            Ok(Status::Complete(header, consumed)) => match header.action(Transport::Datagram) {
+                Ok(action) => {
+                    let route = self.route(action, frontend);
+                    let key = SessionKey {
+                        frontend,
+                        client: route.source,
+                    };
+                    if self.config.udp_header == UdpHeaderMode::First {
+                        self.sessions.remember_flow(key);
+                    }
+                    return Some(Classified {
+                        key,
+                        route: Some(route),
+                        payload: &data[consumed..],
+                    });
+                }
+                Err(e) => e.label(),
+            },
+            Ok(Status::Incomplete) if data.is_empty() => "missing",
+            // A datagram is all there is: a partial header is a bad one.
+            Ok(Status::Incomplete) => "truncated",
+            Err(proxy_protocol::Error::NotProxyProtocol) => "missing",
+            Err(e) => e.label(),
+        };
+        if self.config.udp_header == UdpHeaderMode::First
+            && let Some(key) = self.sessions.flow(frontend)
+        {
+            return Some(Classified {
+                key,
+                route: None,
+                payload: data,
+            });
+        }
+        self.stats.header_error(refused);
+        debug!(peer = %frontend, reason = refused, "datagram without a valid PROXY v2 DGRAM header; dropped");
+        None
+    }
+
+    fn route(&self, action: Action, frontend: SocketAddr) -> Route {
+        match action {
+            Action::Spoof {
+                source,
+                destination,
+            } => Route {
+                backend: if self.config.dynamic_destination {
+                    destination
+                } else {
+                    self.config.target_for(source.ip())
+                },
+                source: Some(source),
+            },
+            Action::Direct => Route {
+                backend: self.config.target_for(frontend.ip().to_canonical()),
+                source: None,
+            },
+        }
+    }
+
+    /// The open session for `key`, or a new one; a failed session is
+    /// reopened on the same route.
+    fn session_for(
+        &self,
+        key: SessionKey,
+        route: Option<Route>,
+        socket: &Arc<FrontendSocket>,
+        meta: Datagram,
+    ) -> Option<Arc<Session>> {
+        let existing = self.sessions.get(&key);
+        // The key fixes the route (the backend follows from the client's
+        // family, or with --dynamic-destination from the flow's first
+        // header): a healthy session is used as it is.
+        if let Some(session) = &existing
+            && !session.is_failed()
+        {
+            return existing;
+        }
+        let route = route.or_else(|| existing.map(|s| s.route))?;
+        let session = self.open(key, route, socket, meta)?;
+        let (session, evicted) = self.sessions.insert(session);
+        if !evicted.is_empty() {
+            self.stats
+                .sessions_evicted
+                .fetch_add(evicted.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            debug!(
+                evicted = evicted.len(),
+                cap = self.config.max_udp_sessions,
+                "UDP session table full; least recently used closed"
+            );
+        }
+        Some(session)
+    }
+
+    fn open(
+        &self,
+        key: SessionKey,
+        route: Route,
+        socket: &Arc<FrontendSocket>,
+        meta: Datagram,
+    ) -> Option<Arc<Session>> {
+        let opened = upstream::connect_udp(route.backend, route.source, &self.upstream)
+            .map_err(|e| (e.label(), error_chain(&e)))
+            .and_then(|up| {
+                if up.fell_back {
+                    debug!(client = ?route.source, local = %up.local, "client port in use; used an ephemeral port");
+                }
+                Session::start(
+                    key,
+                    route,
+                    up.socket,
+                    socket.clone(),
+                    meta.to,
+                    self.clock,
+                    self.stats.clone(),
+                )
+                .map_err(|e| ("register", e.to_string()))
+            });
+        match opened {
+            Ok(session) => {
+                inc(&self.stats.sessions_created);
+                debug!(frontend = %key.frontend, client = ?key.client, backend = %route.backend, "UDP session opened");
+                Some(session)
+            }
+            Err((label, why)) => {
+                self.stats.session_error(label);
+                debug!(frontend = %key.frontend, client = ?key.client, error = %why, "cannot open a UDP session; datagram dropped");
+                None
+            }
+        }
+    }
+}

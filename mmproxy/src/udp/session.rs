@@ -1,0 +1,397 @@
+//! UDP sessions: one per (balancer address:port, client address:port),
+//! each with its own spoofed upstream socket connected to the backend,
+//! and a task that relays the backend's replies to the balancer.
+//!
+//! The table is shared by every listening socket (`--listeners N`): the
+//! kernel may hash one balancer's datagrams to different sockets, and
+//! they must still meet the same session. It is bounded (least recently
+//! used first out) and swept for idle sessions.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use lru::LruCache;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{
+    MAX_DATAGRAM,
+    frontend::FrontendSocket,
+    stats::{UdpStats, add_datagram, inc},
+};
+
+/// What identifies a session. Two clients behind one balancer address
+/// differ in `client`; one client seen through two balancers (or two
+/// balancer sockets) differs in `frontend`, and replies must go back the
+/// way they came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub frontend: SocketAddr,
+    /// `None` for LOCAL headers: the balancer's own traffic, not spoofed.
+    pub client: Option<SocketAddr>,
+}
+
+/// Where a session's datagrams go, and as whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub backend: SocketAddr,
+    /// The source to spoof; `None`: the proxy's own address.
+    pub source: Option<SocketAddr>,
+}
+
+/// Milliseconds since the table was made: cheap to store in an atomic.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One client flow.
+#[derive(Debug)]
+pub struct Session {
+    pub key: SessionKey,
+    pub route: Route,
+    upstream: UdpSocket,
+    /// The listening socket the flow arrived on: replies leave through it.
+    frontend: Arc<FrontendSocket>,
+    /// The local address the balancer sent to: replies come from it.
+    reply_from: Option<IpAddr>,
+    clock: Clock,
+    last_active_ms: AtomicU64,
+    /// The upstream socket failed for good; the next datagram reopens.
+    failed: AtomicBool,
+    closed: CancellationToken,
+}
+
+thread_local! {
+    /// Replies are read here, one runtime thread at a time, so that ten
+    /// thousand idle sessions do not each hold a 64 KiB buffer.
+    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
+/// What reading one reply led to.
+enum ReplyStep {
+    Sent,
+    /// The balancer's socket was full: this copy waits for room.
+    Pending(Vec<u8>),
+    Drained,
+    Unreachable,
+    Failed(io::Error),
+}
+
+impl Session {
+    /// Wraps a connected upstream socket and starts relaying its replies.
+    pub fn start(
+        key: SessionKey,
+        route: Route,
+        upstream: std::net::UdpSocket,
+        frontend: Arc<FrontendSocket>,
+        reply_from: Option<IpAddr>,
+        clock: Clock,
+        stats: Arc<UdpStats>,
+    ) -> io::Result<Arc<Self>> {
+        let session = Arc::new(Self {
+            key,
+            route,
+            upstream: UdpSocket::from_std(upstream)?,
+            frontend,
+            reply_from,
+            clock,
+            last_active_ms: AtomicU64::new(clock.now_ms()),
+            failed: AtomicBool::new(false),
+            closed: CancellationToken::new(),
+        });
+        tokio::spawn(session.clone().relay_replies(stats));
+        Ok(session)
+    }
+
+    /// Sends one payload to the backend. Never waits: a full socket
+    /// buffer drops the datagram (counted), as a congested router would,
+    /// rather than stalling every other session behind this one. The
+    /// send goes straight to the kernel: tokio's `try_send` would report
+    /// `WouldBlock` on a fresh socket whose writability the reactor has
+    /// not seen yet, dropping every session's first datagram.
+    pub fn forward(&self, payload: &[u8], stats: &UdpStats, now_ms: u64) {
+        self.touch(now_ms);
+        for attempt in 0..2 {
+            match rustix::net::send(&self.upstream, payload, rustix::net::SendFlags::DONTWAIT)
+                .map_err(io::Error::from)
+            {
+                Ok(_) => {
+                    add_datagram(&stats.forwarded, &stats.forwarded_bytes, payload.len());
+                    return;
+                }
+                // A connected UDP socket reports an ICMP error caused by
+                // an earlier datagram on the next call, once; the socket
+                // is fine afterwards, so this datagram is sent again.
+                Err(e) if is_icmp_error(&e) && attempt == 0 => inc(&stats.upstream_unreachable),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    inc(&stats.upstream_full);
+                    return;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    inc(&stats.oversize);
+                    debug!(client = ?self.key.client, len = payload.len(), backend = %self.route.backend,
+                           "datagram too large for the upstream path; dropped");
+                    return;
+                }
+                Err(e) => {
+                    inc(&stats.send_errors);
+                    debug!(client = ?self.key.client, error = %e, "sending to the backend failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Relaxed)
+    }
+
+    pub fn idle_since(&self) -> u64 {
+        self.last_active_ms.load(Relaxed)
+    }
+
+    /// Stops the reply task; the socket closes with the last reference.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    fn touch(&self, now_ms: u64) {
+        // Skip the store when nothing changed: the line is shared with the
+        // reply task's core.
+        if self.last_active_ms.load(Relaxed) != now_ms {
+            self.last_active_ms.store(now_ms, Relaxed);
+        }
+    }
+
+    async fn relay_replies(self: Arc<Self>, stats: Arc<UdpStats>) {
+        loop {
+            tokio::select! {
+                () = self.closed.cancelled() => return,
+                ready = self.upstream.readable() => if let Err(e) = ready {
+                    self.fail(&stats, &e);
+                    return;
+                },
+            }
+            loop {
+                match self.read_and_reply(&stats) {
+                    ReplyStep::Sent => {}
+                    ReplyStep::Pending(copy) => {
+                        if let Err(e) = self.send_reply(&copy).await {
+                            inc(&stats.send_errors);
+                            debug!(frontend = %self.key.frontend, error = %e, "reply to the balancer failed");
+                        } else {
+                            add_datagram(&stats.replied, &stats.replied_bytes, copy.len());
+                        }
+                    }
+                    ReplyStep::Unreachable => inc(&stats.upstream_unreachable),
+                    ReplyStep::Drained => break,
+                    ReplyStep::Failed(e) => {
+                        self.fail(&stats, &e);
+                        return;
+                    }
+                }
+            }
+            self.touch(self.clock.now_ms());
+        }
+    }
+
+    fn read_and_reply(&self, stats: &UdpStats) -> ReplyStep {
+        REPLY_BUF.with_borrow_mut(|buf| match self.upstream.try_recv(buf) {
+            Ok(len) => match self.frontend.try_send(&buf[..len], self.key.frontend, self.reply_from) {
+                Ok(()) => {
+                    add_datagram(&stats.replied, &stats.replied_bytes, len);
+                    ReplyStep::Sent
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ReplyStep::Pending(buf[..len].to_vec())
+                }
+                Err(e) => {
+                    inc(&stats.send_errors);
+                    debug!(frontend = %self.key.frontend, error = %e, "reply to the balancer failed");
+                    ReplyStep::Sent
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReplyStep::Drained,
+            Err(e) if is_icmp_error(&e) => ReplyStep::Unreachable,
+            Err(e) => ReplyStep::Failed(e),
+        })
+    }
+
+    async fn send_reply(&self, payload: &[u8]) -> io::Result<()> {
+        self.frontend
+            .send(payload, self.key.frontend, self.reply_from)
+            .await
+    }
+
+    fn fail(&self, stats: &UdpStats, e: &io::Error) {
+        inc(&stats.sessions_failed);
+        debug!(client = ?self.key.client, error = %e, "upstream socket failed; the next datagram reopens the session");
+        self.failed.store(true, Relaxed);
+    }
+}
+
+/// Errors a connected UDP socket reports for an ICMP message about an
+/// earlier datagram (port, host or network unreachable).
+fn is_icmp_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN)
+    )
+}
+
+/// Every open session, bounded and shared by all listening sockets.
+#[derive(Debug)]
+pub struct SessionTable {
+    inner: Mutex<Inner>,
+    capacity: usize,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Ordered by the balancer side's use; the cap evicts from the back.
+    sessions: LruCache<SessionKey, Arc<Session>>,
+    /// `--udp-header first`: the session each balancer address:port
+    /// announced in its last header.
+    flows: HashMap<SocketAddr, SessionKey>,
+}
+
+impl SessionTable {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                sessions: LruCache::unbounded(),
+                flows: HashMap::new(),
+            }),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the map half-updated
+        // in a way that matters more than losing every session.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The session for `key`, marked as just used.
+    pub fn get(&self, key: &SessionKey) -> Option<Arc<Session>> {
+        self.lock().sessions.get(key).cloned()
+    }
+
+    /// The session a headerless datagram from `frontend` belongs to.
+    pub fn flow(&self, frontend: SocketAddr) -> Option<SessionKey> {
+        self.lock().flows.get(&frontend).copied()
+    }
+
+    /// Remembers which client `frontend`'s headerless datagrams belong to.
+    pub fn remember_flow(&self, key: SessionKey) {
+        let mut inner = self.lock();
+        if inner.flows.get(&key.frontend) != Some(&key) {
+            inner.flows.insert(key.frontend, key);
+        }
+    }
+
+    /// Inserts `session`, replacing a failed one with the same key.
+    /// Returns the session to use (an existing healthy one wins a race
+    /// between two listening sockets) and the sessions closed to make
+    /// room, which the caller counts.
+    pub fn insert(&self, session: Arc<Session>) -> (Arc<Session>, Vec<Arc<Session>>) {
+        let mut inner = self.lock();
+        if let Some(existing) = inner.sessions.get(&session.key)
+            && !existing.is_failed()
+        {
+            let existing = existing.clone();
+            drop(inner);
+            session.close();
+            return (existing, Vec::new());
+        }
+        let mut evicted = Vec::new();
+        if let Some(old) = inner.sessions.put(session.key, session.clone()) {
+            old.close();
+        }
+        while inner.sessions.len() > self.capacity {
+            let Some((_, old)) = inner.sessions.pop_lru() else {
+                break;
+            };
+            inner.forget_flow(&old.key);
+            old.close();
+            evicted.push(old);
+        }
+        (session, evicted)
+    }
+
+    /// Closes and removes sessions idle for `idle` or longer.
+    pub fn expire(&self, now_ms: u64, idle: Duration) -> usize {
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let mut inner = self.lock();
+        let expired: Vec<SessionKey> = inner
+            .sessions
+            .iter()
+            .filter(|(_, s)| now_ms.saturating_sub(s.idle_since()) >= idle_ms)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &expired {
+            if let Some(session) = inner.sessions.pop(key) {
+                session.close();
+            }
+            inner.forget_flow(key);
+        }
+        expired.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes every session (shutdown).
+    pub fn close_all(&self) {
+        let mut inner = self.lock();
+        for (_, session) in &inner.sessions {
+            session.close();
+        }
+        inner.sessions.clear();
+        inner.flows.clear();
+    }
+}
+
+impl Inner {
+    fn forget_flow(&mut self, key: &SessionKey) {
+        if self.flows.get(&key.frontend) == Some(key) {
+            self.flows.remove(&key.frontend);
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! UDP counters: what happened to every datagram, for the exit log and
+//! the metrics endpoint. Dropping a datagram is normal for UDP; dropping
+//! it without counting why is not.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+};
+
+/// Relaxed atomics: each is a monotonic count read only for reporting.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Datagrams from balancers, before any check.
+    pub received: AtomicU64,
+    /// Payloads sent to backends, and their bytes (headers excluded).
+    pub forwarded: AtomicU64,
+    pub forwarded_bytes: AtomicU64,
+    /// Replies sent back to balancers, and their bytes.
+    pub replied: AtomicU64,
+    pub replied_bytes: AtomicU64,
+    /// From a peer outside `--allowed-subnets`.
+    pub refused_peer: AtomicU64,
+    /// Larger than the receive buffer, or than the upstream accepts.
+    pub oversize: AtomicU64,
+    /// The backend's socket buffer was full: dropped, as a router would.
+    pub upstream_full: AtomicU64,
+    /// ICMP errors (port or host unreachable) reported by the backend path.
+    pub upstream_unreachable: AtomicU64,
+    /// Sends to the backend or to the balancer that failed otherwise.
+    pub send_errors: AtomicU64,
+    pub sessions_created: AtomicU64,
+    pub sessions_expired: AtomicU64,
+    /// Closed to make room under `--max-udp-sessions`.
+    pub sessions_evicted: AtomicU64,
+    /// A session's upstream socket failed; the next datagram reopens it.
+    pub sessions_failed: AtomicU64,
+    /// Datagrams dropped because no session could be opened (bind or
+    /// connect failed), by errno name.
+    session_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Datagrams dropped for a missing or bad header, by kind.
+    header_errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl UdpStats {
+    /// Counts a dropped datagram whose header was missing or invalid.
+    pub fn header_error(&self, kind: &'static str) {
+        *self
+            .header_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    /// Counts a datagram dropped because its session could not open.
+    pub fn session_error(&self, kind: &'static str) {
+        *self
+            .session_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    pub fn header_errors(&self) -> BTreeMap<&'static str, u64> {
+        self.header_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn session_errors(&self) -> BTreeMap<&'static str, u64> {
+        self.session_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Every plain counter by name, for logs and metrics.
+    pub fn counters(&self) -> [(&'static str, u64); 14] {
+        [
+            ("received", &self.received),
+            ("forwarded", &self.forwarded),
+            ("forwarded_bytes", &self.forwarded_bytes),
+            ("replied", &self.replied),
+            ("replied_bytes", &self.replied_bytes),
+            ("refused_peer", &self.refused_peer),
+            ("oversize", &self.oversize),
+            ("upstream_full", &self.upstream_full),
+            ("upstream_unreachable", &self.upstream_unreachable),
+            ("send_errors", &self.send_errors),
+            ("sessions_created", &self.sessions_created),
+            ("sessions_expired", &self.sessions_expired),
+            ("sessions_evicted", &self.sessions_evicted),
+            ("sessions_failed", &self.sessions_failed),
+        ]
+        .map(|(name, c)| (name, c.load(Relaxed)))
+    }
+}
+
+/// Adds one to a counter.
+pub fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Relaxed);
+}
+
+/// Adds one datagram of `bytes` to a pair of counters.
+pub fn add_datagram(count: &AtomicU64, total: &AtomicU64, bytes: usize) {
+    count.fetch_add(1, Relaxed);
+    total.fetch_add(bytes as u64, Relaxed);
+}
