@@ -3,6 +3,7 @@
 //! One module per task, each with its own `Options`. Every external command
 //! goes through [`exec`], so a failure names the command that failed.
 
+mod bench;
 mod build_ebpf;
 mod exec;
 mod fuzz;
@@ -31,6 +32,9 @@ enum Task {
     Fuzz(fuzz::Options),
     /// The ebpf data path's soak, deeper than `test`, known defects included.
     Soak(soak::Options),
+    /// Every subject (direct, plain, ebpf, go-mmproxy) under the same
+    /// workloads; writes docs/benchmarks.md and its chart. Needs root.
+    Bench(bench::Options),
 }
 
 fn main() {
@@ -41,6 +45,7 @@ fn main() {
         Task::Test(opts) => test::test(&opts),
         Task::Fuzz(opts) => fuzz::fuzz(&opts),
         Task::Soak(opts) => soak::soak(&opts),
+        Task::Bench(opts) => bench::bench(&opts),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -1,8 +1,9 @@
 //! `cargo xtask test`: the project's one test command (README, CI).
 //!
 //! Builds the BPF object, then checks formatting, runs clippy with warnings
-//! denied and runs every test, the privileged ones included. Tests that need
-//! root skip loudly without it, and fail instead when `CI=true`.
+//! denied and runs every test, the privileged ones included, then a short
+//! benchmark smoke. Tests that need root skip loudly without it, and fail
+//! instead when `CI=true`.
 
 use std::{path::Path, process::Command};
 
@@ -32,6 +33,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/ss", "iproute2"),
     ("/usr/bin/prlimit", "util-linux"),
     ("/usr/sbin/sysctl", "procps"),
+    // The peer the benchmark smoke runs beside mmproxy.
+    ("/usr/bin/go-mmproxy", "go-mmproxy"),
 ];
 
 pub(crate) fn test(opts: &Options) -> Result<()> {
@@ -75,7 +78,30 @@ pub(crate) fn test(opts: &Options) -> Result<()> {
             .args(["test", "--locked", "--workspace", "--release", "--"])
             .args(&opts.args),
     )
-    .context("tests failed")
+    .context("tests failed")?;
+    if opts.args.is_empty() {
+        bench_smoke()?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench --quick` into target/, so that the harness cannot
+/// rot; its numbers are not kept.
+fn bench_smoke() -> Result<()> {
+    if !is_root() {
+        eprintln!(
+            "\n*** xtask: not root: the benchmark smoke (cargo xtask bench --quick) SKIPPED ***\n"
+        );
+        anyhow::ensure!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: the benchmark smoke must run, not skip"
+        );
+        return Ok(());
+    }
+    crate::bench::bench(&crate::bench::Options::smoke(
+        "target/bench-smoke/benchmarks.md",
+    ))
+    .context("the benchmark smoke failed")
 }
 
 /// Installs the Debian packages of missing test tools (root only; without

@@ -1,0 +1,509 @@
+//! `cargo xtask bench`: every subject under the same workloads, in one
+//! run, in a network namespace of its own.
+//!
+//! For each cell (subject x workload) and repeat: a fresh subject process
+//! (the proxy, or nothing for `direct`), then `mmproxy-bench` (load
+//! generator and backend, `bench/`) inside the namespace, with the whole
+//! machine's CPU time read from /proc/stat around it and the subject's
+//! peak RSS from /proc/<pid>/status after it. Ratios are taken between
+//! medians of the same run; nothing is compared across runs.
+
+mod report;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::{
+    build_ebpf::{self, build_ebpf},
+    exec::{cargo, exec, is_root, output, workspace_root},
+};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct Options {
+    /// A short smoke run (1 repeat of 1 s per cell) that checks the harness
+    /// end to end; its numbers mean little.
+    #[arg(long)]
+    quick: bool,
+    /// Repeats of each cell; the report gives the median and min-max.
+    #[arg(long, default_value_t = 3)]
+    repeats: u32,
+    /// Seconds of load per repeat.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Install the peers (go-mmproxy) with apt when missing (needs root).
+    #[arg(long)]
+    peers: bool,
+    /// Where the markdown report goes (the SVG chart goes beside it).
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    out: PathBuf,
+}
+
+impl Options {
+    /// `--quick`, written to `out` (relative to the workspace root).
+    pub(crate) fn smoke(out: &str) -> Self {
+        Self {
+            quick: true,
+            repeats: 1,
+            seconds: 1.0,
+            peers: false,
+            out: PathBuf::from(out),
+        }
+    }
+}
+
+/// Something traffic goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Subject {
+    /// No proxy: the load generator talks to the backend. The limit.
+    Direct,
+    Plain,
+    Ebpf,
+    GoMmproxy,
+}
+
+impl Subject {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Subject::Direct => "direct",
+            Subject::Plain => "mmproxy plain",
+            Subject::Ebpf => "mmproxy ebpf",
+            Subject::GoMmproxy => "go-mmproxy",
+        }
+    }
+}
+
+/// A load shape, as `mmproxy-bench` arguments, and the metric it is
+/// judged by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Workload {
+    Flood,
+    Bulk,
+    RequestResponse,
+    ConnectionsPerSecond,
+    Udp64,
+    Udp1400,
+}
+
+impl Workload {
+    const ALL: [Workload; 6] = [
+        Workload::Flood,
+        Workload::Bulk,
+        Workload::RequestResponse,
+        Workload::ConnectionsPerSecond,
+        Workload::Udp64,
+        Workload::Udp1400,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Workload::Flood => "flood (50 conns, PING)",
+            Workload::Bulk => "bulk (1 conn)",
+            Workload::RequestResponse => "request/response (10 conns, 64 B)",
+            Workload::ConnectionsPerSecond => "new connections (16 at a time)",
+            Workload::Udp64 => "UDP 64 B (16 flows)",
+            Workload::Udp1400 => "UDP 1400 B (16 flows)",
+        }
+    }
+
+    fn args(self) -> Vec<&'static str> {
+        match self {
+            Workload::Flood => vec!["flood"],
+            Workload::Bulk => vec!["bulk"],
+            Workload::RequestResponse => vec!["rr"],
+            Workload::ConnectionsPerSecond => vec!["cps"],
+            Workload::Udp64 => vec!["udp", "--size", "64"],
+            Workload::Udp1400 => vec!["udp", "--size", "1400"],
+        }
+    }
+
+    pub(crate) fn is_udp(self) -> bool {
+        matches!(self, Workload::Udp64 | Workload::Udp1400)
+    }
+
+    /// The metric the chart and the ratios use, and its unit.
+    pub(crate) fn headline(self) -> (&'static str, &'static str) {
+        match self {
+            Workload::Flood => ("down_mbit_s", "Mbit/s echoed"),
+            Workload::Bulk => ("gbit_s", "Gbit/s"),
+            Workload::RequestResponse => ("requests_s", "requests/s"),
+            Workload::ConnectionsPerSecond => ("connections_s", "connections/s"),
+            Workload::Udp64 | Workload::Udp1400 => ("round_trips_s", "datagrams/s (round trips)"),
+        }
+    }
+
+    /// Which subjects run it: ebpf mode changes only the TCP data path.
+    fn runs_on(self, subject: Subject) -> bool {
+        !(self.is_udp() && subject == Subject::Ebpf)
+    }
+}
+
+/// One repeat of one cell.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sample {
+    pub(crate) metrics: BTreeMap<String, f64>,
+    /// Busy CPU seconds of the whole machine during the load.
+    pub(crate) cpu_seconds: f64,
+    /// The subject's peak resident set, KiB (none for direct).
+    pub(crate) peak_rss_kib: Option<u64>,
+}
+
+impl Sample {
+    pub(crate) fn cpu_per_gb(&self) -> f64 {
+        let gb = self.metrics.get("bytes").copied().unwrap_or(0.0) / 1e9;
+        if gb > 0.0 {
+            self.cpu_seconds / gb
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// Everything measured, by cell.
+pub(crate) type Results = BTreeMap<(Workload, Subject), Vec<Sample>>;
+
+const NS_PREFIX: &str = "mmproxy-bench";
+const PROXY: &str = "127.0.0.1:8443";
+const BACKEND: &str = "127.0.0.1:9000";
+
+pub(crate) fn bench(opts: &Options) -> Result<()> {
+    ensure!(
+        is_root(),
+        "cargo xtask bench needs root (network namespace, IP_TRANSPARENT, BPF)"
+    );
+    let (repeats, seconds) = if opts.quick {
+        (1, 1.0)
+    } else {
+        (opts.repeats.max(1), opts.seconds)
+    };
+    if opts.peers {
+        install_peers()?;
+    }
+    build_ebpf(&build_ebpf::Options::default())?;
+    exec(cargo(None).current_dir(workspace_root()).args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "mmproxy",
+        "-p",
+        "mmproxy-bench",
+    ]))?;
+    let target = workspace_root().join("target/release");
+    let binaries = Binaries {
+        mmproxy: target.join("mmproxy"),
+        load: target.join("mmproxy-bench"),
+        go_mmproxy: which("go-mmproxy"),
+    };
+    let mut subjects = vec![Subject::Direct, Subject::Plain, Subject::Ebpf];
+    match &binaries.go_mmproxy {
+        Some(_) => subjects.push(Subject::GoMmproxy),
+        None => eprintln!("bench: go-mmproxy not installed; skipped (--peers installs it)"),
+    }
+    let ns = Namespace::create()?;
+    let mut results = Results::new();
+    for workload in Workload::ALL {
+        for &subject in &subjects {
+            if !workload.runs_on(subject) {
+                continue;
+            }
+            for repeat in 0..repeats {
+                let sample = run_cell(&ns, &binaries, subject, workload, seconds)
+                    .with_context(|| format!("{} under {}", subject.name(), workload.name()))?;
+                eprintln!(
+                    "bench: {:<14} {:<36} #{} {} = {:.1}",
+                    subject.name(),
+                    workload.name(),
+                    repeat + 1,
+                    workload.headline().0,
+                    sample
+                        .metrics
+                        .get(workload.headline().0)
+                        .copied()
+                        .unwrap_or(f64::NAN)
+                );
+                results.entry((workload, subject)).or_default().push(sample);
+            }
+        }
+    }
+    drop(ns);
+    let command = if opts.quick {
+        "cargo xtask bench --quick".to_owned()
+    } else {
+        format!(
+            "cargo xtask bench --repeats {repeats} --seconds {seconds}{}",
+            if opts.peers { " --peers" } else { "" }
+        )
+    };
+    let out = workspace_root().join(&opts.out);
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    report::write(&out, &results, &subjects, &command)?;
+    eprintln!("bench: wrote {} and its chart", out.display());
+    Ok(())
+}
+
+struct Binaries {
+    mmproxy: PathBuf,
+    load: PathBuf,
+    go_mmproxy: Option<PathBuf>,
+}
+
+fn run_cell(
+    ns: &Namespace,
+    bin: &Binaries,
+    subject: Subject,
+    workload: Workload,
+    seconds: f64,
+) -> Result<Sample> {
+    let protocol = if workload.is_udp() { "udp" } else { "tcp" };
+    let proxy_args = [
+        "-l",
+        PROXY,
+        "-4",
+        BACKEND,
+        "-6",
+        "[::1]:9000",
+        "-p",
+        protocol,
+    ];
+    let mut proc = match subject {
+        Subject::Direct => None,
+        Subject::Plain | Subject::Ebpf => {
+            let mode = if subject == Subject::Plain {
+                "plain"
+            } else {
+                "ebpf"
+            };
+            Some(ns.spawn(&bin.mmproxy, &[&proxy_args[..], &["--mode", mode]].concat())?)
+        }
+        Subject::GoMmproxy => {
+            let go = bin.go_mmproxy.as_ref().context("go-mmproxy missing")?;
+            Some(ns.spawn(go, &proxy_args)?)
+        }
+    };
+    if let Some(p) = &mut proc {
+        p.wait_ready(workload.is_udp(), ns)?;
+    }
+    let (target, header) = match subject {
+        Subject::Direct => (BACKEND, "none"),
+        _ if workload.is_udp() => (PROXY, "v2"),
+        _ => (PROXY, "v1"),
+    };
+    let seconds_arg = format!("{seconds}");
+    let mut args = vec![
+        "--target",
+        target,
+        "--backend",
+        BACKEND,
+        "--header",
+        header,
+        "--seconds",
+        &seconds_arg,
+    ];
+    args.extend(workload.args());
+    let before = busy_cpu_seconds()?;
+    let out = output(ns.command(&bin.load).args(&args))?;
+    let cpu_seconds = busy_cpu_seconds()? - before;
+    let peak_rss_kib = proc.as_ref().and_then(SubjectProcess::peak_rss_kib);
+    let metrics = out
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| Ok((k.to_owned(), v.parse::<f64>()?)))
+        .collect::<Result<BTreeMap<_, _>>>()
+        .with_context(|| format!("unreadable load generator output:\n{out}"))?;
+    ensure!(
+        metrics.contains_key("bytes"),
+        "no byte count in the load generator output:\n{out}"
+    );
+    Ok(Sample {
+        metrics,
+        cpu_seconds,
+        peak_rss_kib,
+    })
+}
+
+/// Busy time of all CPUs so far, from the first line of /proc/stat:
+/// everything but idle and iowait, softirq and kernel threads included
+/// (in-kernel forwarding runs there, not in the daemon).
+fn busy_cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    ensure!(fields.len() >= 8, "short /proc/stat line: {line}");
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let busy: u64 = fields[..8].iter().sum::<u64>() - fields[3] - fields[4];
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    #[allow(clippy::cast_precision_loss)] // ticks stay far below 2^52
+    Ok(busy as f64 / ticks_per_second)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
+
+fn install_peers() -> Result<()> {
+    if which("go-mmproxy").is_some() {
+        return Ok(());
+    }
+    eprintln!("bench: installing go-mmproxy with apt");
+    exec(Command::new("apt-get").arg("update").arg("-qq"))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "go-mmproxy"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// The benchmark's namespace: loopback and the README's policy routing.
+/// Deleted on drop.
+struct Namespace {
+    name: String,
+}
+
+impl Namespace {
+    fn create() -> Result<Self> {
+        let ns = Self {
+            name: format!("{NS_PREFIX}-{}", std::process::id()),
+        };
+        exec(Command::new("ip").args(["netns", "add", &ns.name]))?;
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &[
+                "rule",
+                "add",
+                "from",
+                "127.0.0.1/8",
+                "iif",
+                "lo",
+                "table",
+                "123",
+            ],
+            &[
+                "route",
+                "add",
+                "local",
+                "0.0.0.0/0",
+                "dev",
+                "lo",
+                "table",
+                "123",
+            ],
+            &[
+                "-6", "rule", "add", "from", "::1/128", "iif", "lo", "table", "123",
+            ],
+            &[
+                "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "123",
+            ],
+        ] {
+            exec(Command::new("ip").args(["-n", &ns.name]).args(args))?;
+        }
+        Ok(ns)
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    fn spawn(&self, program: &Path, args: &[&str]) -> Result<SubjectProcess> {
+        let child = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        Ok(SubjectProcess { child })
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A proxy under test; killed on drop.
+struct SubjectProcess {
+    child: Child,
+}
+
+impl SubjectProcess {
+    /// Waits until the proxy accepts (TCP) or has had time to bind (UDP).
+    fn wait_ready(&mut self, udp: bool, ns: &Namespace) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the proxy exited at start ({status})");
+            }
+            let ready = if udp {
+                udp_bound(ns)
+            } else {
+                tcp_listening(ns)
+            };
+            if ready {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the proxy did not start listening within 10 s"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `VmHWM`: the most memory the process ever had resident.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}
+
+impl Drop for SubjectProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tcp_listening(ns: &Namespace) -> bool {
+    socket_listed(ns, "-ltnH")
+}
+
+fn udp_bound(ns: &Namespace) -> bool {
+    socket_listed(ns, "-lunH")
+}
+
+/// Asks `ss` inside the namespace whether port 8443 is bound (a connect
+/// from here would run in the root namespace).
+fn socket_listed(ns: &Namespace, flags: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "ss", flags, "sport", "=", ":8443",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+}
