@@ -15,8 +15,8 @@ use std::{
 };
 
 use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrLike as _, SockaddrStorage, recvmsg,
-    sendmsg, setsockopt, sockopt,
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrLike as _,
+    SockaddrStorage, recvmmsg, sendmsg, setsockopt, sockopt,
 };
 use tokio::{io::Interest, net::UdpSocket};
 
@@ -32,6 +32,34 @@ pub struct Datagram {
     pub to: Option<IpAddr>,
     /// The datagram did not fit the buffer (never with a 64 KiB buffer).
     pub truncated: bool,
+}
+
+/// Datagrams taken from the kernel per `recvmmsg` call.
+pub const BATCH: usize = 16;
+
+/// Buffers for one `recvmmsg` and what it received.
+#[derive(Debug)]
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    received: Vec<Datagram>,
+}
+
+impl RecvBatch {
+    /// [`BATCH`] buffers of `size` bytes each.
+    pub fn new(size: usize) -> Self {
+        Self {
+            bufs: vec![vec![0; size]; BATCH],
+            received: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Each datagram received by the last call, with its bytes.
+    pub fn datagrams(&self) -> impl Iterator<Item = (&[u8], Datagram)> {
+        self.received
+            .iter()
+            .zip(&self.bufs)
+            .map(|(d, buf)| (&buf[..d.len.min(buf.len())], *d))
+    }
 }
 
 /// A listening UDP socket that knows each datagram's local address.
@@ -64,48 +92,74 @@ impl FrontendSocket {
         })
     }
 
-    /// Waits for the next datagram.
-    pub async fn recv(&self, buf: &mut [u8], control: &mut [u8]) -> io::Result<Datagram> {
-        self.io
-            .async_io(Interest::READABLE, || self.try_recv(buf, control))
-            .await
-    }
-
-    fn try_recv(&self, buf: &mut [u8], control: &mut [u8]) -> io::Result<Datagram> {
-        let capacity = buf.len();
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = recvmsg::<SockaddrStorage>(
-            self.io.as_raw_fd(),
-            &mut iov,
-            Some(control),
-            MsgFlags::MSG_TRUNC,
-        )?;
-        let from = msg
-            .address
-            .as_ref()
-            .and_then(to_socket_addr)
-            .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-        let mut to = None;
-        for cmsg in msg.cmsgs()? {
-            match cmsg {
-                ControlMessageOwned::Ipv4PacketInfo(info) => {
-                    to = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                        info.ipi_addr.s_addr,
-                    ))));
+    /// Waits for datagrams and receives up to [`BATCH`] of them with one
+    /// `recvmmsg`. A short batch means the queue is empty: the reactor is
+    /// told so (a `WouldBlock` from `try_io`), which saves the extra
+    /// `recvmsg` that would only learn `EAGAIN`.
+    pub async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<()> {
+        batch.received.clear();
+        loop {
+            self.io.readable().await?;
+            match self
+                .io
+                .try_io(Interest::READABLE, || self.try_recv_batch(batch))
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !batch.received.is_empty() {
+                        return Ok(());
+                    }
                 }
-                ControlMessageOwned::Ipv6PacketInfo(info) => {
-                    to = Some(IpAddr::from(info.ipi6_addr.s6_addr));
-                }
-                _ => {}
+                Err(e) => return Err(e),
             }
         }
-        Ok(Datagram {
-            // With MSG_TRUNC the kernel returns the datagram's real size.
-            len: msg.bytes.min(capacity),
-            from,
-            to,
-            truncated: msg.bytes > capacity,
-        })
+    }
+
+    fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<()> {
+        let RecvBatch { bufs, received } = batch;
+        let mut headers =
+            MultiHeaders::<SockaddrStorage>::preallocate(BATCH, self.pktinfo.then(control_buffer));
+        let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
+            bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+        let results = recvmmsg(
+            self.io.as_raw_fd(),
+            &mut headers,
+            iovs.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )?;
+        for msg in results {
+            let from = msg
+                .address
+                .as_ref()
+                .and_then(to_socket_addr)
+                .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+            let mut to = None;
+            for cmsg in msg.cmsgs()? {
+                match cmsg {
+                    ControlMessageOwned::Ipv4PacketInfo(info) => {
+                        to = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            info.ipi_addr.s_addr,
+                        ))));
+                    }
+                    ControlMessageOwned::Ipv6PacketInfo(info) => {
+                        to = Some(IpAddr::from(info.ipi6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            received.push(Datagram {
+                len: msg.bytes,
+                from,
+                to,
+                truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+            });
+        }
+        if received.len() < BATCH {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
     }
 
     /// Sends `payload` to `to`, from the local address `from` when the

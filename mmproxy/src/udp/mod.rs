@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use self::{
-    frontend::{Datagram, FrontendSocket, control_buffer},
+    frontend::{Datagram, FrontendSocket, RecvBatch},
     session::{Clock, Route, Session, SessionKey, SessionTable},
     stats::{UdpStats, inc},
 };
@@ -81,15 +81,18 @@ impl UdpProxy {
 
     /// Receives on one listening socket until `shutdown`.
     pub async fn serve(self: Arc<Self>, socket: Arc<FrontendSocket>, shutdown: CancellationToken) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        let mut control = control_buffer();
+        let mut batch = RecvBatch::new(MAX_DATAGRAM);
         loop {
             let received = tokio::select! {
-                r = socket.recv(&mut buf, &mut control) => r,
+                r = socket.recv_batch(&mut batch) => r,
                 () = shutdown.cancelled() => return,
             };
             match received {
-                Ok(datagram) => self.on_datagram(&socket, &buf[..datagram.len], datagram),
+                Ok(()) => {
+                    for (data, meta) in batch.datagrams() {
+                        self.on_datagram(&socket, data, meta);
+                    }
+                }
                 Err(e) => {
                     // ENOBUFS/ENOMEM: the datagram is gone, the socket is fine.
                     warn!(error = %e, "receiving a datagram failed");
