@@ -15,7 +15,13 @@ use clap::{Parser, ValueEnum};
 /// or v2 header, and connects to the backend from the client's own address
 /// (IP_TRANSPARENT), so the backend sees the real client. Replies find
 /// their way back through a policy route; see `mmproxy check`.
+///
+/// `mmproxy check [flags]` checks the routing, the backends and BPF for
+/// those flags, prints one line per check, and exits 0 only if all pass.
 #[derive(Debug, Clone, Parser)]
+// Each switch of go-mmproxy's and ours is a bool; an enum per flag would
+// only rename them.
+#[allow(clippy::struct_excessive_bools)]
 // A flag given twice takes its last value, as with go-mmproxy (and as a
 // systemd drop-in that appends flags expects).
 #[command(
@@ -136,6 +142,36 @@ pub struct Cli {
     #[arg(long = "max-udp-sessions", value_name = "N", default_value_t = 65536,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_udp_sessions: u32,
+
+    /// Add the policy routing rules and routes that are missing (see
+    /// `mmproxy check`) at start, and remove exactly those at exit.
+    #[arg(long = "setup-routes")]
+    pub setup_routes: bool,
+
+    /// Routing table for the `local` default route.
+    #[arg(long = "route-table", value_name = "N", default_value_t = 123,
+          value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
+    pub route_table: u32,
+
+    /// Serve Prometheus metrics on `http://ADDR/metrics` and a health check
+    /// on `/healthz` (200 once every listener is bound).
+    #[arg(long = "metrics-addr", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(long = "log-format", value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Do not log the start-up checks (routing, BPF).
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Which UDP datagrams carry a PROXY header.
@@ -222,6 +258,11 @@ const LONG_FLAGS: &[&str] = &[
     "drain-timeout",
     "udp-header",
     "max-udp-sessions",
+    "setup-routes",
+    "route-table",
+    "metrics-addr",
+    "log-format",
+    "quiet",
     "help",
     "version",
 ];
@@ -247,12 +288,29 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
         .collect()
 }
 
+/// What the binary was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Proxy (the default).
+    Run,
+    /// `mmproxy check [flags]`: check the host for those flags and exit.
+    Check,
+}
+
 impl Cli {
-    /// Parses the process arguments. Bad values exit with status 2 and one
-    /// line naming the flag; `--help` and `--version` print and exit 0.
-    pub fn parse_or_exit(args: impl IntoIterator<Item = OsString>) -> Self {
+    /// Parses the process arguments: `mmproxy [check] [flags]`. Bad values
+    /// exit with status 2 and one line naming the flag; `--help` and
+    /// `--version` print and exit 0.
+    pub fn parse_or_exit(args: impl IntoIterator<Item = OsString>) -> (Command, Self) {
+        let mut args: Vec<OsString> = args.into_iter().collect();
+        let command = if args.get(1).is_some_and(|a| a == "check") {
+            args.remove(1);
+            Command::Check
+        } else {
+            Command::Run
+        };
         match Self::try_parse_from(normalize_args(args)) {
-            Ok(cli) => cli,
+            Ok(cli) => (command, cli),
             Err(e) if !e.use_stderr() => e.exit(),
             Err(e) => {
                 let rendered = e.to_string();

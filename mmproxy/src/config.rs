@@ -13,6 +13,7 @@ use crate::cli::{Cli, Mode, Protocols, SourcePortPolicy, UdpHeaderMode};
 
 /// Everything the proxy needs, checked once at start-up.
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // the command line's switches
 pub struct Config {
     pub listen: SocketAddr,
     pub target4: SocketAddr,
@@ -36,6 +37,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub udp_header: UdpHeaderMode,
     pub max_udp_sessions: u32,
+    pub setup_routes: bool,
+    pub route_table: u32,
+    pub metrics_addr: Option<SocketAddr>,
+    pub quiet: bool,
 }
 
 impl Config {
@@ -66,6 +71,10 @@ impl Config {
             drain_timeout: Duration::from_secs(cli.drain_timeout_secs),
             udp_header: cli.udp_header,
             max_udp_sessions: cli.max_udp_sessions,
+            setup_routes: cli.setup_routes,
+            route_table: cli.route_table,
+            metrics_addr: cli.metrics_addr,
+            quiet: cli.quiet,
         })
     }
 

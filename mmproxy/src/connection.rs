@@ -11,6 +11,7 @@ use crate::{
     config::Config,
     error::Side,
     forward::{self, Connection, ForwardError, Forwarder, Transferred},
+    metrics::Metrics,
     proxy_protocol::{self, Action, MAX_HEADER_LEN, Status, Transport},
     upstream::{self, UpstreamError, UpstreamOptions},
 };
@@ -25,6 +26,7 @@ pub struct TcpProxy {
     pub config: Arc<Config>,
     pub upstream: UpstreamOptions,
     pub forwarder: Forwarder,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why a connection ended before or during forwarding.
@@ -80,7 +82,11 @@ impl TcpProxy {
     /// errors at debug (`-v 1`), everything else at trace (`-v 2`).
     pub async fn handle(&self, client: TcpStream, peer: SocketAddr) {
         trace!(%peer, "accepted");
-        match self.proxy(client, peer).await {
+        self.metrics.tcp_active.inc();
+        let result = self.proxy(client, peer).await;
+        self.metrics.tcp_active.dec();
+        self.count(&result);
+        match result {
             Ok(t) => trace!(
                 %peer,
                 sent = t.client_to_upstream,
@@ -99,6 +105,41 @@ impl TcpProxy {
             Err(e) => {
                 debug!(%peer, side = %e.side(), error = %error_chain(&e), "connection failed");
             }
+        }
+    }
+
+    fn count(&self, result: &Result<Transferred, ConnectionError>) {
+        let m = &self.metrics;
+        match result {
+            Ok(t) => {
+                let datapath = self.forwarder.name().to_owned();
+                for (direction, bytes) in [
+                    ("to_backend", t.client_to_upstream),
+                    ("to_client", t.upstream_to_client),
+                ] {
+                    m.tcp_forwarded_bytes
+                        .get_or_create(&vec![
+                            ("datapath", datapath.clone()),
+                            ("direction", direction.to_owned()),
+                        ])
+                        .inc_by(bytes);
+                }
+            }
+            Err(ConnectionError::Header(e)) => {
+                m.tcp_rejected
+                    .get_or_create(&vec![("reason", "header".to_owned())])
+                    .inc();
+                m.tcp_header_errors
+                    .get_or_create(&vec![("kind", e.label().to_owned())])
+                    .inc();
+            }
+            Err(ConnectionError::Upstream(e)) => {
+                m.tcp_rejected
+                    .get_or_create(&vec![("reason", "upstream".to_owned())])
+                    .inc();
+                m.upstream_error(e.label(), e.errno());
+            }
+            Err(ConnectionError::Forward(_)) => {}
         }
     }
 

@@ -15,16 +15,23 @@
 //! A UDP datagram takes [`udp`]: [`udp::frontend`] receives it,
 //! [`udp::session`] maps it to a client's spoofed upstream socket.
 //!
+//! Around them: [`routing`] reads and installs the policy routing through
+//! netlink, [`check`] is `mmproxy check`, [`metrics`] serves Prometheus
+//! metrics and `/healthz`.
+//!
 //! [`error::Side`] names whose fault a failure is, in every subsystem.
 
 pub mod bpf;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod error;
 pub mod forward;
 pub mod listener;
+pub mod metrics;
 pub mod proxy_protocol;
+pub mod routing;
 pub mod server;
 pub mod sockopt;
 pub mod udp;

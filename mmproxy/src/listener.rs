@@ -123,7 +123,13 @@ pub async fn accept_loop(listener: TcpListener, ctx: AcceptContext) {
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_START;
+                ctx.proxy.metrics.tcp_accepted.inc();
                 if !ctx.allowed.load().allows(peer.ip()) {
+                    ctx.proxy
+                        .metrics
+                        .tcp_rejected
+                        .get_or_create(&vec![("reason", "not_allowed".to_owned())])
+                        .inc();
                     debug!(%peer, "peer not in --allowed-subnets; closed");
                     continue;
                 }

@@ -4,15 +4,19 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use mmproxy::{cli::Cli, config::Config, server};
+use mmproxy::{
+    cli::{Cli, Command, LogFormat},
+    config::Config,
+    server,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_or_exit(std::env::args_os());
-    init_logging(cli.verbose);
+    let (command, cli) = Cli::parse_or_exit(std::env::args_os());
+    init_logging(cli.verbose, cli.log_format);
     let config = match Config::from_cli(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -20,14 +24,34 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    raise_nofile_limit();
-    match run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mmproxy: {e:#}");
-            ExitCode::FAILURE
+    let result = match command {
+        Command::Check => check(&config),
+        Command::Run => {
+            raise_nofile_limit();
+            run(config).map(|()| ExitCode::SUCCESS)
         }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("mmproxy: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// `mmproxy check`: prints one line per check; 0 only if all pass.
+fn check(config: &Config) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let lines = runtime.block_on(mmproxy::check::all(config));
+    for line in &lines {
+        println!("{line}");
     }
+    Ok(if mmproxy::check::all_passed(&lines) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
@@ -58,7 +82,7 @@ fn run(config: Config) -> anyhow::Result<()> {
 /// `-v 0`: start-up, shutdown and problems of the daemon itself; `-v 1`:
 /// also per-connection errors (debug); `-v 2`: every connection's state
 /// changes (trace). `MMPROXY_LOG` (an `EnvFilter`) overrides.
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: LogFormat) {
     let level = match verbose {
         0 => "info",
         1 => "debug",
@@ -68,10 +92,13 @@ fn init_logging(verbose: u8) {
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(format!("warn,mmproxy={level}")));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 /// Each connection takes two sockets and up to four pipe ends; the soft

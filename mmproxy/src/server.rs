@@ -6,17 +6,23 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use mmproxy_common::sockmap::Counter;
-use tokio::sync::Semaphore;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Semaphore,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
     bpf::Datapath,
+    check,
     cli::Mode,
     config::{AllowedSubnets, Config},
-    connection::TcpProxy,
+    connection::{TcpProxy, error_chain},
     forward::{Forwarder, sockmap::SockmapForwarder, splice::SpliceForwarder},
     listener::{self, AcceptContext, ListenError, ListenOptions},
+    metrics::{self, LiveCounters, Metrics},
+    routing::{Installed, Routing, RoutingError},
     udp::{UdpProxy, frontend::FrontendSocket},
     upstream::UpstreamOptions,
 };
@@ -30,12 +36,47 @@ pub enum StartError {
     Register(#[source] std::io::Error),
     #[error("--mode ebpf: {0}")]
     EbpfUnavailable(String),
+    #[error("--metrics-addr {addr}: cannot listen")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--setup-routes")]
+    Routes(#[source] RoutingError),
 }
 
 /// Runs the proxy until `shutdown` is cancelled, then drains.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
     let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::default());
+    let live = Arc::new(LiveCounters::default());
+    if let Some(addr) = config.metrics_addr {
+        let listener = metrics::bind(addr)
+            .await
+            .map_err(|source| StartError::Metrics { addr, source })?;
+        let registry = Arc::new(metrics::registry(&metrics, live.clone()));
+        tokio::spawn(metrics::serve(
+            listener,
+            registry,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let routes = if config.setup_routes {
+        Some(setup_routes(&config).await?)
+    } else {
+        None
+    };
+    if !config.quiet {
+        log_start_checks(&config).await;
+    }
     let allowed = Arc::new(ArcSwap::from_pointee(config.allowed_subnets.clone()));
+    tokio::spawn(reload_on_sighup(
+        config.clone(),
+        allowed.clone(),
+        shutdown.clone(),
+    ));
     let upstream = UpstreamOptions {
         mark: config.mark,
         source_port: config.source_port,
@@ -43,15 +84,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     };
     let loops = TaskTracker::new();
     let tcp = if config.protocols.tcp {
-        Some(start_tcp(&config, upstream, &allowed, &loops, &shutdown)?)
+        let ctx = start_tcp(&config, upstream, &allowed, &metrics, &loops, &shutdown)?;
+        let _ = live.mode.set(ctx.proxy.forwarder.name());
+        if let Forwarder::Ebpf(f) = &ctx.proxy.forwarder {
+            let _ = live.datapath.set(f.datapath().clone());
+        }
+        Some(ctx)
     } else {
         None
     };
     let udp = if config.protocols.udp {
-        Some(start_udp(&config, upstream, &allowed, &loops, &shutdown)?)
+        let udp = start_udp(&config, upstream, &allowed, &loops, &shutdown)?;
+        let _ = live.udp.set(udp.clone());
+        Some(udp)
     } else {
         None
     };
+    metrics.set_ready();
 
     shutdown.cancelled().await;
     loops.close();
@@ -64,13 +113,78 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         info!(?counters, header_errors = ?udp.stats.header_errors(),
               session_errors = ?udp.stats.session_errors(), "udp counters at exit");
     }
+    if let Some((routing, installed)) = routes {
+        match routing.remove(installed).await {
+            Ok(()) => info!("removed the routing added at start"),
+            Err(e) => warn!(error = %error_chain(&e), "cannot remove the routing added at start"),
+        }
+    }
     Ok(())
+}
+
+/// `--setup-routes`: adds what is missing, remembering it for the exit.
+async fn setup_routes(config: &Config) -> Result<(Routing, Installed), StartError> {
+    let spec = check::routing_spec(config);
+    let routing = Routing::connect().await.map_err(StartError::Routes)?;
+    let installed = routing
+        .install_missing(spec)
+        .await
+        .map_err(StartError::Routes)?;
+    if installed.is_empty() {
+        info!("--setup-routes: the routing was already in place");
+    } else {
+        info!(added = ?installed, "--setup-routes: added the missing routing; it is removed at exit");
+    }
+    Ok((routing, installed))
+}
+
+/// The routing checks of `mmproxy check`, logged (`-q` silences them).
+async fn log_start_checks(config: &Config) {
+    for line in check::routing(config).await {
+        if line.passed {
+            info!("check: {line}");
+        } else {
+            warn!("check: {line}");
+        }
+    }
+}
+
+/// SIGHUP re-reads `--allowed-subnets`; a bad file keeps the old list.
+async fn reload_on_sighup(
+    config: Arc<Config>,
+    allowed: Arc<ArcSwap<AllowedSubnets>>,
+    shutdown: CancellationToken,
+) {
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        warn!("cannot handle SIGHUP; --allowed-subnets cannot be reloaded");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Some(path) = &config.allowed_subnets_file else {
+            info!("SIGHUP: no --allowed-subnets file to reload");
+            continue;
+        };
+        match AllowedSubnets::load(path) {
+            Ok(list) => {
+                info!(file = %path.display(), subnets = list.len(), "SIGHUP: allowed subnets reloaded");
+                allowed.store(Arc::new(list));
+            }
+            Err(e) => {
+                warn!(error = %error_chain(&e), "SIGHUP: allowed subnets NOT reloaded; keeping the old list");
+            }
+        }
+    }
 }
 
 fn start_tcp(
     config: &Arc<Config>,
     upstream: UpstreamOptions,
     allowed: &Arc<ArcSwap<AllowedSubnets>>,
+    metrics: &Arc<Metrics>,
     loops: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<AcceptContext, StartError> {
@@ -81,6 +195,7 @@ fn start_tcp(
             config: config.clone(),
             upstream,
             forwarder,
+            metrics: metrics.clone(),
         }),
         allowed: allowed.clone(),
         permits: Arc::new(Semaphore::new(config.max_connections as usize)),
@@ -176,8 +291,8 @@ fn choose_forwarder(mode: Mode) -> Result<Forwarder, StartError> {
             Ok(Forwarder::Plain(SpliceForwarder::new()))
         }
         Mode::Ebpf => {
-            let datapath = Datapath::load()
-                .map_err(|e| StartError::EbpfUnavailable(crate::connection::error_chain(&e)))?;
+            let datapath =
+                Datapath::load().map_err(|e| StartError::EbpfUnavailable(error_chain(&e)))?;
             info!("mode ebpf: verdict program attached");
             Ok(Forwarder::Ebpf(SockmapForwarder::new(Arc::new(datapath))))
         }

@@ -134,3 +134,15 @@ fn go_mmproxy_single_dash_flags_start_the_daemon() {
     d.signal(rustix::process::Signal::TERM);
     assert_eq!(d.wait_exit(Duration::from_secs(5)), Some(0));
 }
+
+#[test]
+fn check_subcommand_takes_the_daemon_flags_and_refuses_bad_ones() {
+    let out = std::process::Command::new(support::daemon_binary())
+        .args(["check", "--route-table", "0"])
+        .output()
+        .expect("run mmproxy check");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--route-table"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

@@ -33,6 +33,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/ss", "iproute2"),
     ("/usr/bin/prlimit", "util-linux"),
     ("/usr/sbin/sysctl", "procps"),
+    // The TPROXY recipe's test (examples/tproxy.md).
+    ("/usr/sbin/nft", "nftables"),
     // The peer the benchmark smoke runs beside mmproxy.
     ("/usr/bin/go-mmproxy", "go-mmproxy"),
 ];

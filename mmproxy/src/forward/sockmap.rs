@@ -99,7 +99,7 @@ impl SockmapForwarder {
         }
     }
 
-    pub fn datapath(&self) -> &Datapath {
+    pub fn datapath(&self) -> &Arc<Datapath> {
         &self.datapath
     }
 

@@ -66,6 +66,14 @@ pub struct Netns {
 
 impl Netns {
     pub fn new() -> Self {
+        let ns = Self::without_routing();
+        ns.add_routing();
+        ns
+    }
+
+    /// A namespace with loopback up and no policy routing (for the tests
+    /// of `mmproxy check` and `--setup-routes`).
+    pub fn without_routing() -> Self {
         let name = format!(
             "mmpt-{}-{}",
             std::process::id(),
@@ -74,8 +82,23 @@ impl Netns {
         ip(&["netns", "add", &name]);
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"]);
-        ns.add_routing();
         ns
+    }
+
+    /// `ip -n <ns> args...`'s standard output.
+    pub fn ip_output(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The README's routing: replies to spoofed sources are delivered
@@ -253,6 +276,31 @@ fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A minimal HTTP/1.0 GET: the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics port");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut response))
+        .await
+        .expect("response within 5 s")
+        .expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A free TCP port on loopback inside the current namespace.

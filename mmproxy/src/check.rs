@@ -1,0 +1,191 @@
+//! `mmproxy check`: is this host ready to proxy? One line per check, a
+//! fix-it command for each failure. The daemon runs the routing and BPF
+//! checks at start too (not the backend probes: a connection to the
+//! backend at every start would show up there as a phantom client).
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use crate::{
+    bpf::Datapath,
+    cli::{Mode, SourcePortPolicy},
+    config::Config,
+    connection::error_chain,
+    routing::{Piece, Routing, RoutingSpec},
+    upstream::{self, UpstreamOptions},
+};
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckLine {
+    pub passed: bool,
+    /// Counts for the exit status (`--mode ebpf` makes BPF count, say).
+    pub required: bool,
+    pub what: String,
+    /// Why it failed.
+    pub why: Option<String>,
+    /// The command (or action) that fixes it.
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for CheckLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = match (self.passed, self.required) {
+            (true, _) => "PASS",
+            (false, true) => "FAIL",
+            (false, false) => "INFO",
+        };
+        write!(f, "{verdict}  {}", self.what)?;
+        if let Some(why) = &self.why {
+            write!(f, ": {why}")?;
+        }
+        if let Some(fix) = &self.fix {
+            write!(f, "\n      fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The documentation addresses a spoofed probe comes from.
+const PROBE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+const PROBE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn routing_spec(config: &Config) -> RoutingSpec {
+    RoutingSpec {
+        table: config.route_table,
+        mark: config.mark,
+    }
+}
+
+/// The routing pieces, each present or not.
+pub async fn routing(config: &Config) -> Vec<CheckLine> {
+    let spec = routing_spec(config);
+    let routing = match Routing::connect().await {
+        Ok(r) => r,
+        Err(e) => {
+            return vec![CheckLine {
+                passed: false,
+                required: true,
+                what: "policy routing".to_owned(),
+                why: Some(error_chain(&e)),
+                fix: Some("run as root or with CAP_NET_ADMIN".to_owned()),
+            }];
+        }
+    };
+    let mut lines = Vec::new();
+    for piece in Piece::ALL {
+        let (passed, why) = match routing.has(piece, spec).await {
+            Ok(true) => (true, None),
+            Ok(false) => (false, Some("missing".to_owned())),
+            Err(e) => (false, Some(error_chain(&e))),
+        };
+        lines.push(CheckLine {
+            passed,
+            required: true,
+            what: piece.describe(spec),
+            fix: (!passed).then(|| {
+                format!(
+                    "{}   (or start mmproxy with --setup-routes)",
+                    piece.fix(spec)
+                )
+            }),
+            why,
+        });
+    }
+    lines
+}
+
+/// Whether the BPF programs load; required only with `--mode ebpf`.
+pub fn bpf(config: &Config) -> CheckLine {
+    let required = config.mode == Mode::Ebpf;
+    match Datapath::load() {
+        Ok(_) => CheckLine {
+            passed: true,
+            required,
+            what: "BPF programs load (--mode ebpf is available)".to_owned(),
+            why: None,
+            fix: None,
+        },
+        Err(e) => CheckLine {
+            passed: false,
+            required,
+            what: "BPF programs load (--mode ebpf)".to_owned(),
+            why: Some(error_chain(&e)),
+            fix: Some(
+                "run with CAP_BPF and CAP_NET_ADMIN on Linux 6.6+ with /sys/kernel/btf/vmlinux, \
+                 or use --mode plain"
+                    .to_owned(),
+            ),
+        },
+    }
+}
+
+/// Each TCP target, reached once normally and once from a spoofed
+/// documentation address (which needs the routing to get its SYN-ACK).
+pub async fn backends(config: &Config) -> Vec<CheckLine> {
+    if !config.protocols.tcp {
+        return vec![CheckLine {
+            passed: true,
+            required: false,
+            what: "backend probes skipped: they use TCP and -p has no tcp".to_owned(),
+            why: None,
+            fix: None,
+        }];
+    }
+    let opts = UpstreamOptions {
+        mark: config.mark,
+        source_port: SourcePortPolicy::Ephemeral,
+        connect_timeout: PROBE_TIMEOUT,
+    };
+    let mut lines = Vec::new();
+    for (target, probe, flag) in [
+        (config.target4, PROBE_V4, "-4"),
+        (config.target6, PROBE_V6, "-6"),
+    ] {
+        let probe = SocketAddr::new(probe, 0);
+        let plain = upstream::connect(target, None, &opts).await;
+        let reachable = plain.is_ok();
+        lines.push(CheckLine {
+            passed: reachable,
+            required: true,
+            what: format!("backend {target} ({flag}) accepts a connection"),
+            why: plain.err().map(|e| error_chain(&e)),
+            fix: (!reachable)
+                .then(|| format!("start the backend on {target}, or point {flag} at it")),
+        });
+        if !reachable {
+            continue;
+        }
+        let spoofed = upstream::connect(target, Some(probe), &opts).await;
+        let ok = spoofed.is_ok();
+        lines.push(CheckLine {
+            passed: ok,
+            required: true,
+            what: format!("backend {target} answers a connection from {}", probe.ip()),
+            why: spoofed.err().map(|e| error_chain(&e)),
+            fix: (!ok).then(|| {
+                "fix the routing above; the backend must be bound to a loopback address \
+                 (or use --mark with fwmark routing)"
+                    .to_owned()
+            }),
+        });
+    }
+    lines
+}
+
+/// Every check `mmproxy check` runs.
+pub async fn all(config: &Config) -> Vec<CheckLine> {
+    let mut lines = routing(config).await;
+    lines.extend(backends(config).await);
+    lines.push(bpf(config));
+    lines
+}
+
+/// Exit status 0 only when every required check passed.
+pub fn all_passed(lines: &[CheckLine]) -> bool {
+    lines.iter().all(|l| l.passed || !l.required)
+}

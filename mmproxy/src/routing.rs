@@ -1,0 +1,390 @@
+//! The policy routing that brings the backend's replies back to spoofed
+//! sockets, read and written through netlink.
+//!
+//! A reply from the backend is addressed to the real client, so without
+//! help the host would route it out of the machine. Two pieces per IP
+//! family fix that: a rule sending the backend's replies (from loopback,
+//! or carrying `--mark`) to a table, and in that table a `local` default
+//! route that delivers everything to local sockets, where the spoofed
+//! upstream socket picks it up.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures_util::TryStreamExt as _;
+use ipnet::IpNet;
+use netlink_packet_route::{
+    AddressFamily,
+    route::{RouteAttribute, RouteMessage, RouteScope, RouteType},
+    rule::{RuleAction, RuleAttribute, RuleMessage},
+};
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+
+/// Which rules and routes the proxy needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutingSpec {
+    /// `--route-table`.
+    pub table: u32,
+    /// `--mark`: 0 selects the loopback rule, otherwise the fwmark rule.
+    pub mark: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    fn ip_flag(self) -> &'static str {
+        match self {
+            Family::V4 => "",
+            Family::V6 => " -6",
+        }
+    }
+
+    fn address_family(self) -> AddressFamily {
+        match self {
+            Family::V4 => AddressFamily::Inet,
+            Family::V6 => AddressFamily::Inet6,
+        }
+    }
+
+    fn version(self) -> IpVersion {
+        match self {
+            Family::V4 => IpVersion::V4,
+            Family::V6 => IpVersion::V6,
+        }
+    }
+
+    fn loopback(self) -> (IpAddr, u8) {
+        match self {
+            Family::V4 => (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 8),
+            Family::V6 => (IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
+        }
+    }
+}
+
+/// One rule or route the proxy needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    Rule(Family),
+    LocalRoute(Family),
+}
+
+impl Piece {
+    pub const ALL: [Piece; 4] = [
+        Piece::Rule(Family::V4),
+        Piece::LocalRoute(Family::V4),
+        Piece::Rule(Family::V6),
+        Piece::LocalRoute(Family::V6),
+    ];
+
+    /// What it is, as `ip rule`/`ip route` would show it.
+    pub fn describe(self, spec: RoutingSpec) -> String {
+        match self {
+            Piece::Rule(f) => format!("{} rule {}", f.name(), rule_selector(f, spec)),
+            Piece::LocalRoute(f) => format!(
+                "{} route local {} dev lo table {}",
+                f.name(),
+                default_prefix(f),
+                spec.table
+            ),
+        }
+    }
+
+    /// The command that adds it.
+    pub fn fix(self, spec: RoutingSpec) -> String {
+        match self {
+            Piece::Rule(f) => format!("ip{} rule add {}", f.ip_flag(), rule_selector(f, spec)),
+            Piece::LocalRoute(f) => format!(
+                "ip{} route add local {} dev lo table {}",
+                f.ip_flag(),
+                default_prefix(f),
+                spec.table
+            ),
+        }
+    }
+}
+
+fn rule_selector(f: Family, spec: RoutingSpec) -> String {
+    if spec.mark == 0 {
+        let (addr, len) = f.loopback();
+        let addr = if f == Family::V4 {
+            "127.0.0.1".to_owned()
+        } else {
+            addr.to_string()
+        };
+        format!("from {addr}/{len} iif lo lookup {}", spec.table)
+    } else {
+        format!("fwmark {} lookup {}", spec.mark, spec.table)
+    }
+}
+
+fn default_prefix(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "0.0.0.0/0",
+        Family::V6 => "::/0",
+    }
+}
+
+/// Why the routing could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("cannot open a netlink socket")]
+    Socket(#[source] std::io::Error),
+    #[error("netlink: {what}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("the loopback interface 'lo' was not found")]
+    NoLoopback,
+}
+
+fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RoutingError {
+    let what = what.into();
+    move |source| RoutingError::Netlink { what, source }
+}
+
+/// A netlink connection to the current network namespace.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    handle: Handle,
+    lo_index: u32,
+}
+
+/// Pieces `--setup-routes` added, to be removed on exit.
+#[derive(Debug, Default)]
+pub struct Installed {
+    rules: Vec<RuleMessage>,
+    routes: Vec<RouteMessage>,
+}
+
+impl Installed {
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty() && self.routes.is_empty()
+    }
+}
+
+impl Routing {
+    /// Connects; must run inside a tokio runtime.
+    pub async fn connect() -> Result<Self, RoutingError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(RoutingError::Socket)?;
+        tokio::spawn(conn);
+        let link = handle
+            .link()
+            .get()
+            .match_name("lo".to_owned())
+            .execute()
+            .try_next()
+            .await
+            .map_err(netlink("looking up lo"))?
+            .ok_or(RoutingError::NoLoopback)?;
+        Ok(Self {
+            handle,
+            lo_index: link.header.index,
+        })
+    }
+
+    /// Whether `piece` is in place.
+    pub async fn has(&self, piece: Piece, spec: RoutingSpec) -> Result<bool, RoutingError> {
+        Ok(match piece {
+            Piece::Rule(f) => self.find_rule(f, spec).await?.is_some(),
+            Piece::LocalRoute(f) => self.find_route(f, spec).await?.is_some(),
+        })
+    }
+
+    /// Adds what is missing; returns exactly what was added.
+    pub async fn install_missing(&self, spec: RoutingSpec) -> Result<Installed, RoutingError> {
+        let mut installed = Installed::default();
+        for piece in Piece::ALL {
+            if self.has(piece, spec).await? {
+                continue;
+            }
+            match piece {
+                Piece::Rule(f) => {
+                    self.add_rule(f, spec).await?;
+                    if let Some(rule) = self.find_rule(f, spec).await? {
+                        installed.rules.push(rule);
+                    }
+                }
+                Piece::LocalRoute(f) => {
+                    let route = self.local_route(f, spec);
+                    self.handle
+                        .route()
+                        .add(route.clone())
+                        .execute()
+                        .await
+                        .map_err(netlink(format!("adding {}", piece.describe(spec))))?;
+                    installed.routes.push(route);
+                }
+            }
+        }
+        Ok(installed)
+    }
+
+    /// Removes what [`Routing::install_missing`] added, and nothing else.
+    pub async fn remove(&self, installed: Installed) -> Result<(), RoutingError> {
+        for rule in installed.rules {
+            self.handle
+                .rule()
+                .del(rule)
+                .execute()
+                .await
+                .map_err(netlink("removing a rule added at start"))?;
+        }
+        for route in installed.routes {
+            self.handle
+                .route()
+                .del(route)
+                .execute()
+                .await
+                .map_err(netlink("removing a route added at start"))?;
+        }
+        Ok(())
+    }
+
+    async fn find_rule(
+        &self,
+        f: Family,
+        spec: RoutingSpec,
+    ) -> Result<Option<RuleMessage>, RoutingError> {
+        let rules: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(f.version())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink(format!("listing {} rules", f.name())))?;
+        Ok(rules.into_iter().find(|r| rule_matches(r, f, spec)))
+    }
+
+    async fn add_rule(&self, f: Family, spec: RoutingSpec) -> Result<(), RoutingError> {
+        let what = format!("adding {}", Piece::Rule(f).describe(spec));
+        let add = self
+            .handle
+            .rule()
+            .add()
+            .table_id(spec.table)
+            .action(RuleAction::ToTable);
+        let result = match (f, spec.mark) {
+            (Family::V4, 0) => {
+                add.v4()
+                    .source_prefix(Ipv4Addr::new(127, 0, 0, 1), 8)
+                    .input_interface("lo")
+                    .execute()
+                    .await
+            }
+            (Family::V6, 0) => {
+                add.v6()
+                    .source_prefix(Ipv6Addr::LOCALHOST, 128)
+                    .input_interface("lo")
+                    .execute()
+                    .await
+            }
+            (Family::V4, mark) => add.v4().fw_mark(mark).execute().await,
+            (Family::V6, mark) => add.v6().fw_mark(mark).execute().await,
+        };
+        result.map_err(netlink(what))
+    }
+
+    async fn find_route(
+        &self,
+        f: Family,
+        spec: RoutingSpec,
+    ) -> Result<Option<RouteMessage>, RoutingError> {
+        let mut query = RouteMessageBuilder::<IpAddr>::new().build();
+        query.header.address_family = f.address_family();
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink(format!("listing {} routes", f.name())))?;
+        Ok(routes
+            .into_iter()
+            .find(|r| route_matches(r, f, spec, self.lo_index)))
+    }
+
+    fn local_route(&self, f: Family, spec: RoutingSpec) -> RouteMessage {
+        let mut route = match f {
+            Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .output_interface(self.lo_index)
+                .table_id(spec.table)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .build(),
+            Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .output_interface(self.lo_index)
+                .table_id(spec.table)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .build(),
+        };
+        route.header.address_family = f.address_family();
+        route
+    }
+}
+
+fn rule_table(r: &RuleMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+fn rule_matches(r: &RuleMessage, f: Family, spec: RoutingSpec) -> bool {
+    if r.header.family != f.address_family()
+        || r.header.action != RuleAction::ToTable
+        || rule_table(r) != spec.table
+    {
+        return false;
+    }
+    let has = |want: &RuleAttribute| r.attributes.iter().any(|a| a == want);
+    if spec.mark != 0 {
+        return has(&RuleAttribute::FwMark(spec.mark));
+    }
+    // `ip rule add from 127.0.0.1/8` keeps the address as typed: compare
+    // the networks, not the addresses.
+    let (addr, len) = f.loopback();
+    let wanted = IpNet::new(addr, len).map(|n| n.trunc()).ok();
+    let source = r.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Source(ip) => IpNet::new(*ip, r.header.src_len).map(|n| n.trunc()).ok(),
+        _ => None,
+    });
+    source.is_some() && source == wanted && has(&RuleAttribute::Iifname("lo".to_owned()))
+}
+
+fn route_matches(r: &RouteMessage, f: Family, spec: RoutingSpec, lo_index: u32) -> bool {
+    let table = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table));
+    r.header.address_family == f.address_family()
+        && r.header.kind == RouteType::Local
+        && r.header.destination_prefix_length == 0
+        && table == spec.table
+        && r.attributes.contains(&RouteAttribute::Oif(lo_index))
+}
