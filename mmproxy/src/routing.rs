@@ -67,7 +67,7 @@ impl Family {
 
     fn loopback(self) -> (IpAddr, u8) {
         match self {
-            Family::V4 => (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 8),
+            Family::V4 => (IpAddr::V4(Ipv4Addr::LOCALHOST), 8),
             Family::V6 => (IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
         }
     }
@@ -281,7 +281,7 @@ impl Routing {
         let result = match (f, spec.mark) {
             (Family::V4, 0) => {
                 add.v4()
-                    .source_prefix(Ipv4Addr::new(127, 0, 0, 1), 8)
+                    .source_prefix(Ipv4Addr::LOCALHOST, 8)
                     .input_interface("lo")
                     .execute()
                     .await
