@@ -189,3 +189,37 @@ pub async fn all(config: &Config) -> Vec<CheckLine> {
 pub fn all_passed(lines: &[CheckLine]) -> bool {
     lines.iter().all(|l| l.passed || !l.required)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(passed: bool, required: bool) -> CheckLine {
+        CheckLine {
+            passed,
+            required,
+            what: "thing".to_owned(),
+            why: (!passed).then(|| "broken".to_owned()),
+            fix: (!passed).then(|| "mend it".to_owned()),
+        }
+    }
+
+    #[test]
+    fn lines_read_pass_fail_or_info_with_the_fix_below() {
+        assert_eq!(line(true, true).to_string(), "PASS  thing");
+        assert_eq!(
+            line(false, true).to_string(),
+            "FAIL  thing: broken\n      fix: mend it"
+        );
+        assert_eq!(
+            line(false, false).to_string(),
+            "INFO  thing: broken\n      fix: mend it"
+        );
+    }
+
+    #[test]
+    fn only_required_failures_fail_the_run() {
+        assert!(all_passed(&[line(true, true), line(false, false)]));
+        assert!(!all_passed(&[line(true, true), line(false, true)]));
+    }
+}

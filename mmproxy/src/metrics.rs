@@ -277,3 +277,39 @@ fn respond(
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_labels_are_symbolic() {
+        assert_eq!(errno_name(libc::ECONNREFUSED), "ECONNREFUSED");
+        assert_eq!(errno_name(libc::EADDRINUSE), "EADDRINUSE");
+    }
+
+    #[test]
+    fn the_registry_encodes_counters_with_their_labels() {
+        let metrics = Metrics::default();
+        metrics.tcp_accepted.inc();
+        metrics.upstream_error("connect", Some(libc::ECONNREFUSED));
+        let live = Arc::new(LiveCounters::default());
+        let _ = live.mode.set("plain");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry(&metrics, live)).unwrap();
+        assert!(
+            text.contains("mmproxy_tcp_connections_accepted_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "mmproxy_tcp_upstream_errors_total{stage=\"connect\",errno=\"ECONNREFUSED\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("mmproxy_tcp_datapath{mode=\"plain\"} 1\n"),
+            "{text}"
+        );
+    }
+}

@@ -388,3 +388,97 @@ fn route_matches(r: &RouteMessage, f: Family, spec: RoutingSpec, lo_index: u32) 
         && table == spec.table
         && r.attributes.contains(&RouteAttribute::Oif(lo_index))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: RoutingSpec = RoutingSpec {
+        table: 123,
+        mark: 0,
+    };
+
+    fn rule(
+        family: Family,
+        source: &str,
+        src_len: u8,
+        table: u32,
+        extra: &[RuleAttribute],
+    ) -> RuleMessage {
+        let mut r = RuleMessage::default();
+        r.header.family = family.address_family();
+        r.header.src_len = src_len;
+        r.header.action = RuleAction::ToTable;
+        r.attributes.push(RuleAttribute::Table(table));
+        r.attributes
+            .push(RuleAttribute::Source(source.parse().unwrap()));
+        r.attributes.extend_from_slice(extra);
+        r
+    }
+
+    fn lo() -> RuleAttribute {
+        RuleAttribute::Iifname("lo".to_owned())
+    }
+
+    #[test]
+    fn the_loopback_rule_matches_however_the_address_was_typed() {
+        for source in ["127.0.0.1", "127.0.0.0", "127.9.9.9"] {
+            assert!(
+                rule_matches(&rule(Family::V4, source, 8, 123, &[lo()]), Family::V4, SPEC),
+                "{source}"
+            );
+        }
+        assert!(rule_matches(
+            &rule(Family::V6, "::1", 128, 123, &[lo()]),
+            Family::V6,
+            SPEC
+        ));
+    }
+
+    #[test]
+    fn near_misses_do_not_match() {
+        let wrong_table = rule(Family::V4, "127.0.0.1", 8, 124, &[lo()]);
+        let no_iif = rule(Family::V4, "127.0.0.1", 8, 123, &[]);
+        let narrower = rule(Family::V4, "127.0.0.1", 32, 123, &[lo()]);
+        let other_net = rule(Family::V4, "10.0.0.1", 8, 123, &[lo()]);
+        let other_family = rule(Family::V4, "127.0.0.1", 8, 123, &[lo()]);
+        for (name, r, f) in [
+            ("wrong table", wrong_table, Family::V4),
+            ("no iif lo", no_iif, Family::V4),
+            ("/32", narrower, Family::V4),
+            ("10/8", other_net, Family::V4),
+            ("v4 rule for v6", other_family, Family::V6),
+        ] {
+            assert!(!rule_matches(&r, f, SPEC), "{name}");
+        }
+    }
+
+    #[test]
+    fn with_a_mark_the_fwmark_rule_is_the_one() {
+        let spec = RoutingSpec { table: 77, mark: 7 };
+        let mut marked = RuleMessage::default();
+        marked.header.family = AddressFamily::Inet;
+        marked.header.action = RuleAction::ToTable;
+        marked.attributes = vec![RuleAttribute::Table(77), RuleAttribute::FwMark(7)];
+        assert!(rule_matches(&marked, Family::V4, spec));
+        marked.attributes[1] = RuleAttribute::FwMark(8);
+        assert!(!rule_matches(&marked, Family::V4, spec));
+        assert!(!rule_matches(
+            &rule(Family::V4, "127.0.0.1", 8, 77, &[lo()]),
+            Family::V4,
+            spec
+        ));
+    }
+
+    #[test]
+    fn fixes_are_the_readme_commands() {
+        assert_eq!(
+            Piece::Rule(Family::V4).fix(SPEC),
+            "ip rule add from 127.0.0.1/8 iif lo lookup 123"
+        );
+        assert_eq!(
+            Piece::LocalRoute(Family::V6).fix(SPEC),
+            "ip -6 route add local ::/0 dev lo table 123"
+        );
+    }
+}

@@ -49,6 +49,26 @@ fn bad_values_exit_2_with_one_line() {
     assert_one_line_error(&["--source-port", "random"], "random");
     assert_one_line_error(&["--header-timeout", "0"], "0");
     assert_one_line_error(&["--no-such-flag"], "--no-such-flag");
+    assert_one_line_error(&["--udp-header", "sometimes"], "sometimes");
+    assert_one_line_error(&["--max-udp-sessions", "0"], "0");
+    assert_one_line_error(&["--close-after", "0"], "0");
+    assert_one_line_error(&["--route-table", "0"], "0");
+    assert_one_line_error(&["--metrics-addr", "nowhere"], "nowhere");
+    assert_one_line_error(&["--log-format", "xml"], "xml");
+    assert_one_line_error(&["-log-format", "xml"], "xml");
+}
+
+#[test]
+fn metrics_address_in_use_stops_startup_naming_the_flag() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(&["-l", "127.0.0.1:0", "--metrics-addr", &addr, "-q"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--metrics-addr {addr}: cannot listen")),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -395,3 +395,90 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frontend() -> Arc<FrontendSocket> {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        socket.bind(&addr.into()).unwrap();
+        Arc::new(FrontendSocket::new(socket, addr).unwrap())
+    }
+
+    fn session(client_port: u16, clock: Clock) -> Arc<Session> {
+        let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        upstream.set_nonblocking(true).unwrap();
+        upstream.connect("127.0.0.1:9").unwrap();
+        let key = SessionKey {
+            frontend: "127.0.0.1:1000".parse().unwrap(),
+            client: Some(SocketAddr::new("192.0.2.1".parse().unwrap(), client_port)),
+        };
+        let route = Route {
+            backend: "127.0.0.1:9".parse().unwrap(),
+            source: key.client,
+        };
+        Session::start(
+            key,
+            route,
+            upstream,
+            frontend(),
+            None,
+            clock,
+            Arc::default(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_cap_evicts_the_least_recently_used() {
+        let (table, clock) = (SessionTable::new(2), Clock::new());
+        let (a, b, c) = (session(1, clock), session(2, clock), session(3, clock));
+        assert!(table.insert(a.clone()).1.is_empty());
+        assert!(table.insert(b.clone()).1.is_empty());
+        assert!(table.get(&a.key).is_some(), "a is now the most recent");
+        let (_, evicted) = table.insert(c.clone());
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].key, b.key);
+        assert!(b.closed.is_cancelled(), "an evicted session is closed");
+        assert_eq!(table.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_healthy_session_wins_a_race_and_a_failed_one_is_replaced() {
+        let (table, clock) = (SessionTable::new(10), Clock::new());
+        let (first, second) = (session(1, clock), session(1, clock));
+        table.insert(first.clone());
+        let (winner, _) = table.insert(second.clone());
+        assert!(Arc::ptr_eq(&winner, &first));
+        assert!(second.closed.is_cancelled());
+        first.failed.store(true, Relaxed);
+        let third = session(1, clock);
+        let (winner, _) = table.insert(third.clone());
+        assert!(Arc::ptr_eq(&winner, &third));
+        assert!(first.closed.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn idle_sessions_expire_with_their_flow() {
+        let (table, clock) = (SessionTable::new(10), Clock::new());
+        let (idle, busy) = (session(1, clock), session(2, clock));
+        table.insert(idle.clone());
+        table.insert(busy.clone());
+        table.remember_flow(idle.key);
+        idle.last_active_ms.store(0, Relaxed);
+        busy.last_active_ms.store(5_000, Relaxed);
+        assert_eq!(table.expire(6_000, Duration::from_secs(2)), 1);
+        assert!(table.get(&idle.key).is_none());
+        assert!(table.get(&busy.key).is_some());
+        assert_eq!(
+            table.flow(idle.key.frontend),
+            None,
+            "the flow goes with its session"
+        );
+        assert!(idle.closed.is_cancelled());
+    }
+}
