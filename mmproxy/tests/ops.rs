@@ -107,26 +107,7 @@ fn rules_that_existed_before_survive_exit() {
     };
     let ns = Netns::without_routing();
     // Only the IPv4 half is there before the daemon starts.
-    ns.ip(&[
-        "rule",
-        "add",
-        "from",
-        "127.0.0.1/8",
-        "iif",
-        "lo",
-        "table",
-        "123",
-    ]);
-    ns.ip(&[
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "123",
-    ]);
+    ns.add_routing_v4();
     let before = routing_listing(&ns);
     let mut d = Daemon::start(
         &ns,

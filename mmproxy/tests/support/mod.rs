@@ -104,6 +104,17 @@ impl Netns {
     /// The README's routing: replies to spoofed sources are delivered
     /// locally.
     pub fn add_routing(&self) {
+        self.add_routing_v4();
+        self.ip(&[
+            "-6", "rule", "add", "from", "::1/128", "iif", "lo", "table", "123",
+        ]);
+        self.ip(&[
+            "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "123",
+        ]);
+    }
+
+    /// The IPv4 half of [`Netns::add_routing`].
+    pub fn add_routing_v4(&self) {
         self.ip(&[
             "rule",
             "add",
@@ -123,12 +134,6 @@ impl Netns {
             "lo",
             "table",
             "123",
-        ]);
-        self.ip(&[
-            "-6", "rule", "add", "from", "::1/128", "iif", "lo", "table", "123",
-        ]);
-        self.ip(&[
-            "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "123",
         ]);
     }
 
