@@ -596,3 +596,56 @@ fn tcp_and_udp_in_one_process_on_one_address() {
         assert_eq!(udp_backend.peers(), vec![client]);
     });
 }
+
+/// `--mark` reaches UDP upstream sockets: with traffic to 127.0.0.2
+/// prohibited unless marked 7, only the marked daemon gets through.
+#[test]
+fn mark_is_set_on_upstream_sockets() {
+    let Some(ns) = netns_or_skip("udp_mark_is_set_on_upstream_sockets") else {
+        return;
+    };
+    ns.ip(&[
+        "rule", "add", "pref", "100", "fwmark", "7", "lookup", "local",
+    ]);
+    ns.ip(&[
+        "rule",
+        "add",
+        "pref",
+        "101",
+        "to",
+        "127.0.0.2/32",
+        "prohibit",
+    ]);
+    ns.ip(&["rule", "add", "pref", "1000", "lookup", "local"]);
+    ns.ip(&["rule", "del", "pref", "0"]);
+    let common = ["-p", "udp", "-4", "127.0.0.2:9000", "-v", "1"];
+    let _marked = Daemon::start(
+        &ns,
+        &[&["-l", "127.0.0.1:8443", "-mark", "7"][..], &common].concat(),
+    );
+    let unmarked = Daemon::start(&ns, &[&["-l", "127.0.0.1:8444"][..], &common].concat());
+    ns.run(async {
+        let backend = UdpBackend::start("127.0.0.2:9000").await;
+        let lb = balancer("127.0.0.1:0").await;
+        let client = sa("192.0.2.1:40017");
+        let msg = datagram(&header::v2_dgram(client, sa(PROXY4)), b"marked");
+        assert_eq!(exchange(&lb, sa("127.0.0.1:8443"), &msg).await.0, b"marked");
+        let other = datagram(
+            &header::v2_dgram(sa("192.0.2.1:40018"), sa(PROXY4)),
+            b"unmarked",
+        );
+        lb.send_to(&other, sa("127.0.0.1:8444")).await.unwrap();
+        assert!(recv_within(&lb, Duration::from_millis(500)).await.is_none());
+        assert_eq!(
+            backend.peers(),
+            vec![client],
+            "unmarked traffic must not reach the backend"
+        );
+    });
+    let line = exit_counters(unmarked);
+    assert_eq!(
+        exit_map_count(&line, "session_errors", "connect"),
+        1,
+        "{line}"
+    );
+}
