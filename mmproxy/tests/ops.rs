@@ -224,7 +224,17 @@ fn metrics_move_with_traffic_and_errors_and_healthz_answers() {
     );
     ns.run(async {
         let metrics = sa("127.0.0.1:9100");
-        assert_eq!(http_get(metrics, "/healthz").await.0, 200);
+        // 503 until the last listener (UDP here) is bound, then 200.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match http_get(metrics, "/healthz").await.0 {
+                200 => break,
+                503 if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => panic!("/healthz answered {other}"),
+            }
+        }
         assert_eq!(http_get(metrics, "/nope").await.0, 404);
         let _backend = Backend::start(BACKEND4, BackendKind::Echo).await;
         let _udp_backend = UdpBackend::start(BACKEND4).await;
