@@ -11,7 +11,6 @@
 //! - [`forward`]: moves the bytes, [`forward::splice`] in userspace or
 //!   [`forward::sockmap`] in the kernel ([`bpf`] loads the programs).
 //!
-//!
 //! A UDP datagram takes [`udp`]: [`udp::frontend`] receives it,
 //! [`udp::session`] maps it to a client's spoofed upstream socket.
 //!

@@ -204,9 +204,24 @@ impl Routing {
         })
     }
 
-    /// Adds what is missing; returns exactly what was added.
+    /// Adds what is missing; returns exactly what was added. On an error,
+    /// removes what it had added before failing.
     pub async fn install_missing(&self, spec: RoutingSpec) -> Result<Installed, RoutingError> {
         let mut installed = Installed::default();
+        match self.install_into(spec, &mut installed).await {
+            Ok(()) => Ok(installed),
+            Err(e) => {
+                let _ = self.remove(installed).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn install_into(
+        &self,
+        spec: RoutingSpec,
+        installed: &mut Installed,
+    ) -> Result<(), RoutingError> {
         for piece in Piece::ALL {
             if self.has(piece, spec).await? {
                 continue;
@@ -230,7 +245,7 @@ impl Routing {
                 }
             }
         }
-        Ok(installed)
+        Ok(())
     }
 
     /// Removes what [`Routing::install_missing`] added, and nothing else.

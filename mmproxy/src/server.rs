@@ -1,6 +1,8 @@
-//! Start-up and shutdown: opens the TCP and UDP listeners, runs their
-//! loops, and on shutdown stops accepting and drains open TCP connections
-//! for a bounded time.
+//! Start-up and shutdown. In order: the metrics endpoint (so `/healthz`
+//! can answer "not yet"), `--setup-routes`, the logged routing checks, the
+//! SIGHUP reloader, the TCP and UDP listeners. On shutdown: stop accepting,
+//! drain open TCP connections for a bounded time, log the UDP counters,
+//! remove the routing that start-up added.
 
 use std::sync::Arc;
 
