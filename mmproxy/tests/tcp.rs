@@ -586,22 +586,8 @@ fn mark_is_set_on_upstream_sockets(mode: &'static str) {
     let Some(ns) = netns_or_skip("mark") else {
         return;
     };
-    // Traffic to 127.0.0.2 is prohibited unless it carries mark 7. The
-    // `local` table's rule moves behind ours, or it would match first.
-    ns.ip(&[
-        "rule", "add", "pref", "100", "fwmark", "7", "lookup", "local",
-    ]);
-    ns.ip(&[
-        "rule",
-        "add",
-        "pref",
-        "101",
-        "to",
-        "127.0.0.2/32",
-        "prohibit",
-    ]);
-    ns.ip(&["rule", "add", "pref", "1000", "lookup", "local"]);
-    ns.ip(&["rule", "del", "pref", "0"]);
+    // Traffic to 127.0.0.2 is prohibited unless it carries mark 7.
+    ns.only_marked_reaches("127.0.0.2/32", "7");
     let marked = Daemon::start(
         &ns,
         &[

@@ -604,20 +604,7 @@ fn mark_is_set_on_upstream_sockets() {
     let Some(ns) = netns_or_skip("udp_mark_is_set_on_upstream_sockets") else {
         return;
     };
-    ns.ip(&[
-        "rule", "add", "pref", "100", "fwmark", "7", "lookup", "local",
-    ]);
-    ns.ip(&[
-        "rule",
-        "add",
-        "pref",
-        "101",
-        "to",
-        "127.0.0.2/32",
-        "prohibit",
-    ]);
-    ns.ip(&["rule", "add", "pref", "1000", "lookup", "local"]);
-    ns.ip(&["rule", "del", "pref", "0"]);
+    ns.only_marked_reaches("127.0.0.2/32", "7");
     let common = ["-p", "udp", "-4", "127.0.0.2:9000", "-v", "1"];
     let _marked = Daemon::start(
         &ns,

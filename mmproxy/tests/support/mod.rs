@@ -85,6 +85,17 @@ impl Netns {
         ns
     }
 
+    /// Prohibits traffic to `dst` unless it carries `mark`. The `local`
+    /// table's rule moves behind the mark rule, or it would match first.
+    pub fn only_marked_reaches(&self, dst: &str, mark: &str) {
+        self.ip(&[
+            "rule", "add", "pref", "100", "fwmark", mark, "lookup", "local",
+        ]);
+        self.ip(&["rule", "add", "pref", "101", "to", dst, "prohibit"]);
+        self.ip(&["rule", "add", "pref", "1000", "lookup", "local"]);
+        self.ip(&["rule", "del", "pref", "0"]);
+    }
+
     /// `ip -n <ns> args...`'s standard output.
     pub fn ip_output(&self, args: &[&str]) -> String {
         let out = Command::new("ip")
