@@ -39,6 +39,11 @@ use crate::{
 /// over IPv4 it is 65,507. A buffer this size never truncates.
 pub const MAX_DATAGRAM: usize = 65_527;
 
+/// Pause after a failed receive, doubling up to the maximum while the
+/// failures last (the accept loops do the same).
+const RECV_BACKOFF_START: Duration = Duration::from_millis(1);
+const RECV_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// What every listening socket shares.
 #[derive(Debug)]
 pub struct UdpProxy {
@@ -82,6 +87,7 @@ impl UdpProxy {
     /// Receives on one listening socket until `shutdown`.
     pub async fn serve(self: Arc<Self>, socket: Arc<FrontendSocket>, shutdown: CancellationToken) {
         let mut batch = RecvBatch::new(MAX_DATAGRAM);
+        let mut backoff = RECV_BACKOFF_START;
         loop {
             let received = tokio::select! {
                 r = socket.recv_batch(&mut batch) => r,
@@ -89,14 +95,21 @@ impl UdpProxy {
             };
             match received {
                 Ok(()) => {
+                    backoff = RECV_BACKOFF_START;
                     for (data, meta) in batch.datagrams() {
                         self.on_datagram(&socket, data, meta);
                     }
                 }
                 Err(e) => {
-                    // ENOBUFS/ENOMEM: the datagram is gone, the socket is fine.
-                    warn!(error = %e, "receiving a datagram failed");
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    // ENOBUFS/ENOMEM: the datagram is gone, the socket is
+                    // fine. Back off, so a lasting shortage neither spins
+                    // nor floods the log.
+                    warn!(error = %e, retry_in = ?backoff, "receiving a datagram failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(RECV_BACKOFF_MAX);
                 }
             }
         }
