@@ -7,7 +7,6 @@
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
@@ -271,11 +270,6 @@ fn respond(
             .insert(hyper::header::CONTENT_TYPE, v);
     }
     response
-}
-
-/// Binds the metrics listener (a start-up error, not a runtime one).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

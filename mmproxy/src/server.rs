@@ -54,7 +54,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     let metrics = Arc::new(Metrics::default());
     let live = Arc::new(LiveCounters::default());
     if let Some(addr) = config.metrics_addr {
-        let listener = metrics::bind(addr)
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Metrics { addr, source })?;
         let registry = Arc::new(metrics::registry(&metrics, live.clone()));

@@ -117,6 +117,9 @@ impl FrontendSocket {
 
     fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<()> {
         let RecvBatch { bufs, received } = batch;
+        // Built per call: nix's `MultiHeaders` holds raw pointers, so it
+        // is not `Send` and cannot live in the receive task across awaits.
+        // Two small allocations per batch of up to 16 datagrams.
         let mut headers =
             MultiHeaders::<SockaddrStorage>::preallocate(BATCH, self.pktinfo.then(control_buffer));
         let mut iovs: Vec<[IoSliceMut<'_>; 1]> =

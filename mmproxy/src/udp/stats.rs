@@ -37,8 +37,8 @@ pub struct UdpStats {
     pub sessions_evicted: AtomicU64,
     /// A session's upstream socket failed; the next datagram reopens it.
     pub sessions_failed: AtomicU64,
-    /// Datagrams dropped because no session could be opened (bind or
-    /// connect failed), by errno name.
+    /// Datagrams dropped because no session could be opened, by the
+    /// stage that failed (`UpstreamError::label`: bind, connect, ...).
     session_errors: Mutex<BTreeMap<&'static str, u64>>,
     /// Datagrams dropped for a missing or bad header, by kind.
     header_errors: Mutex<BTreeMap<&'static str, u64>>,
