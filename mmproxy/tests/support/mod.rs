@@ -684,6 +684,10 @@ pub struct EchoOutcome {
     pub received: u64,
     pub received_sha256: [u8; 32],
     pub end: EchoEnd,
+    /// The error the sending half got, if any. A reset reaches whichever
+    /// half touches the socket first: when the sender takes the error
+    /// (ECONNRESET), the reader then sees a plain end of stream.
+    pub send_error: Option<std::io::ErrorKind>,
 }
 
 impl EchoOutcome {
@@ -692,10 +696,10 @@ impl EchoOutcome {
         self.end == EchoEnd::Eof && self.received == total && self.received_sha256 == self.sent
     }
 
-    /// A clean end of stream with missing or altered bytes: the failure a
-    /// proxy must never produce.
+    /// A clean end of stream with missing or altered bytes, and no error on
+    /// either half of the socket: the failure a proxy must never produce.
     pub fn is_silent_failure(&self, total: u64) -> bool {
-        self.end == EchoEnd::Eof && !self.is_complete(total)
+        self.end == EchoEnd::Eof && self.send_error.is_none() && !self.is_complete(total)
     }
 }
 
@@ -718,13 +722,13 @@ pub async fn echo_verified(proxy: SocketAddr, client: SocketAddr, total: u64) ->
         let mut sent = 0u64;
         while sent < total {
             let n = usize::try_from((total - sent).min(chunk.len() as u64)).unwrap();
-            if writer.write_all(&chunk[..n]).await.is_err() {
-                return;
+            if let Err(e) = writer.write_all(&chunk[..n]).await {
+                return Some(e.kind());
             }
             sent += n as u64;
         }
         // Half-close: the echo must still come back in full.
-        let _ = writer.shutdown().await;
+        writer.shutdown().await.err().map(|e| e.kind())
     });
     let mut h = Sha256::new();
     let mut received = 0u64;
@@ -741,12 +745,17 @@ pub async fn echo_verified(proxy: SocketAddr, client: SocketAddr, total: u64) ->
             Ok(Err(e)) => break EchoEnd::Error(e.kind()),
         }
     };
-    sender.abort();
+    // A sender still blocked after the reader's end counts as no error.
+    let send_error = match tokio::time::timeout(Duration::from_secs(2), sender).await {
+        Ok(Ok(error)) => error,
+        _ => None,
+    };
     EchoOutcome {
         sent: expected.finalize().into(),
         received,
         received_sha256: h.finalize().into(),
         end,
+        send_error,
     }
 }
 
