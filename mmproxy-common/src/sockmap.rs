@@ -1,8 +1,13 @@
 //! The sockmap data path: one stream-verdict program redirects every skb
 //! that arrives on a spliced socket out of its peer socket.
 
-/// `SockHash<u64>`: spliced sockets, keyed by socket cookie (`SO_COOKIE`).
-pub const SOCKETS_MAP: &str = "SOCKETS";
+/// `SockHash<u64>`, keyed by socket cookie (`SO_COOKIE`): the sockets whose
+/// arriving skbs the verdict program (attached to this map) redirects.
+pub const SOURCES_MAP: &str = "SOURCES";
+/// `SockHash<u64>`, keyed by socket cookie: the sockets skbs may be
+/// redirected to. No program is attached, so a socket that leaves
+/// [`SOURCES_MAP`] keeps its psock (and its queued skbs) through this one.
+pub const TARGETS_MAP: &str = "TARGETS";
 /// `HashMap<u64, SocketState>`: per spliced socket, its peer and progress.
 pub const STATES_MAP: &str = "STATES";
 /// `HashMap<u64, u64>`: per socket, the passed bytes userspace has read
@@ -16,7 +21,7 @@ pub const OFFSETS_MAP: &str = "OFFSETS";
 /// The `sk_skb/stream_verdict` program.
 pub const VERDICT_PROGRAM: &str = "redirect_to_peer";
 
-/// Entries in [`SOCKETS_MAP`] and [`STATES_MAP`]: two per connection.
+/// Entries in each socket map and [`STATES_MAP`]: two per connection.
 pub const MAX_SOCKETS: u32 = 131_072;
 
 /// Per-socket state, keyed by the socket's cookie.

@@ -1,10 +1,18 @@
 //! mmproxy's in-kernel data path.
 //!
-//! Userspace puts both sockets of a proxied connection into [`SOCKETS`] and
-//! records each one's peer in [`STATES`]. From then on every skb that TCP
-//! hands to the socket's stream-verdict hook (`tcp_read_skb`, Linux 6.6+
-//! for verdict-only sockmaps) comes here and is redirected out of the peer
-//! socket's send path: the bytes never reach userspace.
+//! Userspace puts both sockets of a proxied connection into [`TARGETS`]
+//! (where redirects look their peer up), then into [`SOURCES`] (where this
+//! program is attached), and records each one's peer in [`STATES`]. From
+//! then on every skb that TCP hands to a source socket's stream-verdict
+//! hook (`tcp_read_skb`, Linux 6.6+ for verdict-only sockmaps) comes here
+//! and is redirected out of the peer socket's send path: the bytes never
+//! reach userspace.
+//!
+//! Two maps, because a direction must be able to leave the kernel path on
+//! its own: when a slow reader lets a direction's backlog grow, userspace
+//! removes the source socket from [`SOURCES`] (its verdict stops, TCP flow
+//! control is back) while the socket stays in [`TARGETS`], so its psock,
+//! and the bytes still queued to be sent out of it, survive.
 //!
 //! The overlap guard exists because `tcp_read_skb` hands over whole skbs
 //! even when the head of one was already read (a coalesced partial
@@ -26,8 +34,11 @@ use mmproxy_common::sockmap::{
     SocketState,
 };
 
-#[map(name = "SOCKETS")]
-static SOCKETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+#[map(name = "SOURCES")]
+static SOURCES: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+#[map(name = "TARGETS")]
+static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 #[map(name = "STATES")]
 static STATES: HashMap<u64, SocketState> = HashMap::with_max_entries(MAX_SOCKETS, 0);
@@ -94,7 +105,7 @@ fn try_redirect_to_peer(ctx: &SkBuffContext) -> Result<u32, u32> {
         count(Counter::PassedInOrder, 1);
         return Ok(SK_PASS);
     }
-    let action = SOCKETS.redirect_skb(ctx, state.peer_cookie, 0);
+    let action = TARGETS.redirect_skb(ctx, state.peer_cookie, 0);
     if action == i64::from(SK_PASS) {
         state.bytes += len;
         count(Counter::RedirectedSkbs, 1);

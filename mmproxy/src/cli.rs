@@ -99,6 +99,14 @@ pub struct Cli {
     #[arg(long = "mode", value_name = "MODE", default_value = "auto")]
     pub mode: Mode,
 
+    /// ebpf mode: KiB a direction may hold in the kernel, redirected but not
+    /// yet taken by the receiving socket, before that direction is handed
+    /// back to userspace (a slow reader then gets TCP flow control, as in
+    /// plain mode).
+    #[arg(long = "ebpf-max-backlog-kib", value_name = "KIB", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+    pub ebpf_max_backlog_kib: u64,
+
     /// Seconds a TCP client has to send a complete PROXY header.
     #[arg(long = "header-timeout", value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -251,6 +259,7 @@ const LONG_FLAGS: &[&str] = &[
     "dynamic-destination",
     "listen-transparent",
     "mode",
+    "ebpf-max-backlog-kib",
     "header-timeout",
     "connect-timeout",
     "max-connections",

@@ -30,6 +30,9 @@ pub struct Config {
     pub dynamic_destination: bool,
     pub listen_transparent: bool,
     pub mode: Mode,
+    /// ebpf mode: bytes per direction in the kernel's redirect backlog
+    /// before the direction goes back to userspace.
+    pub ebpf_max_backlog: u64,
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_connections: u32,
@@ -64,6 +67,7 @@ impl Config {
             dynamic_destination: cli.dynamic_destination,
             listen_transparent: cli.listen_transparent,
             mode: cli.mode,
+            ebpf_max_backlog: cli.ebpf_max_backlog_kib * 1024,
             header_timeout: Duration::from_secs(cli.header_timeout_secs),
             connect_timeout: Duration::from_secs(cli.connect_timeout_secs),
             max_connections: cli.max_connections,

@@ -114,6 +114,14 @@ impl Collector for LiveCounters {
                 )?;
                 ConstCounter::new(datapath.counter(c)).encode(metric)?;
             }
+            let metric = encoder.encode_descriptor(
+                "mmproxy_ebpf_handovers",
+                "Directions handed back to userspace because their redirect backlog passed \
+                 --ebpf-max-backlog-kib",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(datapath.handovers()).encode(metric)?;
         }
         Ok(())
     }

@@ -84,6 +84,19 @@ pub fn kick_write_space(fd: &impl AsRawFd) -> io::Result<()> {
     set_int(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, 0)
 }
 
+/// Bytes in a TCP socket's send queue: written but not yet acknowledged
+/// by the peer (`SIOCOUTQ`: `write_seq - snd_una`).
+pub fn send_queue_bytes(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+    if rc == 0 {
+        Ok(u64::try_from(queued).unwrap_or(0))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `setsockopt` with an `int` value.
 fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: a valid pointer to an int, and its size.

@@ -3,7 +3,9 @@
 //! stalled data on this kernel, each content-verified end to end.
 //!
 //! `MMPROXY_SOAK_RUNS` sets the number of full-duplex 1 GiB runs (default
-//! 20, what `cargo xtask test` runs; `cargo xtask soak` runs more).
+//! 20, what `cargo xtask test` runs; `cargo xtask soak` runs more), and
+//! `MMPROXY_SOAK_ARGS` adds daemon flags to them (for example
+//! `--ebpf-max-backlog-kib 131072`).
 
 mod support;
 
@@ -45,36 +47,70 @@ fn strict() -> bool {
 
 #[test]
 fn ebpf_full_duplex_1gib_echo_soak() {
-    let Some(ns) = netns_or_skip("ebpf_full_duplex_soak") else {
-        return;
+    let extra = std::env::var("MMPROXY_SOAK_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+    full_duplex_soak("ebpf_full_duplex_soak", &extra, soak_runs(), GIB);
+}
+
+/// The hand-over to userspace under load: with a 16 KiB backlog limit
+/// every full-duplex connection leaves the kernel path early, while bytes
+/// are in flight both ways. Each stream must still arrive whole.
+#[test]
+fn ebpf_handover_full_duplex_soak() {
+    const RUNS: u32 = 40;
+    let counters = full_duplex_soak(
+        "ebpf_handover_soak",
+        &["--ebpf-max-backlog-kib", "16"],
+        RUNS,
+        64 << 20,
+    );
+    let handovers: u32 = counters
+        .split("handovers=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no handover count in {counters:?}"));
+    assert!(
+        handovers >= RUNS,
+        "{handovers} hand-overs in {RUNS} connections: the path was not exercised"
+    );
+}
+
+/// Full-duplex echoes of `size` bytes each way, one connection at a time,
+/// SHA-256 verified. Returns the daemon's exit counters.
+fn full_duplex_soak(name: &str, extra_args: &[&str], runs: u32, size: u64) -> String {
+    let Some(ns) = netns_or_skip(name) else {
+        return String::new();
     };
-    let d = start(&ns, "ebpf");
-    let runs = soak_runs();
+    let mut args = vec!["-l", PROXY, "-4", BACKEND, "--mode", "ebpf", "-v", "1"];
+    args.extend_from_slice(extra_args);
+    let d = Daemon::start(&ns, &args);
     let outcomes = ns.run(async move {
         let _backend = Backend::start(BACKEND, BackendKind::Echo).await;
         let mut outcomes = Vec::new();
         let started = Instant::now();
         for run in 0..runs {
             let client = SocketAddr::from(([192, 0, 2, 1], 30000 + u16::try_from(run).unwrap()));
-            outcomes.push(support::echo_verified(sa(PROXY), client, GIB).await);
+            outcomes.push(support::echo_verified(sa(PROXY), client, size).await);
         }
         let secs = started.elapsed().as_secs_f64();
         eprintln!(
-            "soak: {runs} full-duplex runs of 1 GiB each way in {secs:.0} s ({:.2} Gbit/s each way on average)",
-            f64::from(runs) * 8.0 * f64::from(1u32 << 30) / secs / 1e9
+            "soak: {runs} full-duplex runs of {} MiB each way in {secs:.0} s ({:.2} Gbit/s each way on average)",
+            size >> 20,
+            f64::from(runs) * 8.0 * mib(size) * f64::from(1u32 << 20) / secs / 1e9
         );
         outcomes
     });
     d.signal(rustix::process::Signal::TERM);
     let counters = d.wait_for_log("counters at exit", Duration::from_secs(40));
-    let complete = outcomes.iter().filter(|o| o.is_complete(GIB)).count();
+    let complete = outcomes.iter().filter(|o| o.is_complete(size)).count();
     let silent: Vec<_> = outcomes
         .iter()
-        .filter(|o| o.is_silent_failure(GIB))
+        .filter(|o| o.is_silent_failure(size))
         .collect();
     let loud: Vec<_> = outcomes
         .iter()
-        .filter(|o| !o.is_complete(GIB) && !o.is_silent_failure(GIB))
+        .filter(|o| !o.is_complete(size) && !o.is_silent_failure(size))
         .collect();
     eprintln!(
         "soak: {complete} complete, {} reset or stalled (loud), {} silent failures; {counters}",
@@ -88,6 +124,7 @@ fn ebpf_full_duplex_1gib_echo_soak() {
     if strict() {
         assert!(loud.is_empty(), "resets or stalls: {loud:?}");
     }
+    counters
 }
 
 /// One-way 1 GiB uploads to a sink that answers with the SHA-256.
@@ -146,9 +183,9 @@ fn ebpf_many_small_connections() {
 
 /// The backend answers the client's first byte with a 4 MiB burst, which
 /// arrives while mmproxy arms the connection (widened to 50 ms by fault
-/// injection): the first skbs find no peer and are passed, and every later
-/// one must queue behind them rather than overtake them. The client must
-/// get the burst whole and in order.
+/// injection). Both sockets are redirect targets before either is a
+/// source, so no skb of the burst may find its peer missing: none is
+/// passed, and the client gets the burst whole and in order.
 #[test]
 fn ebpf_reply_racing_the_arming_stays_in_order() {
     const CONNECTIONS: u16 = 20;
@@ -198,13 +235,13 @@ fn ebpf_reply_racing_the_arming_stays_in_order() {
         bad.is_empty(),
         "connections with a wrong reply (index, bytes): {bad:?}"
     );
-    // The window was really hit: redirects failed, and later skbs were
-    // passed behind the unread ones instead of overtaking them.
+    // Before targets went in first, this window made redirects fail (20 of
+    // 20 connections) and the bytes had to be passed and forwarded by hand.
     assert!(
-        !counters.contains("(\"redirect_failures\", 0)"),
+        counters.contains("(\"redirect_failures\", 0)"),
         "{counters}"
     );
-    assert!(!counters.contains("(\"passed_in_order\", 0)"), "{counters}");
+    assert!(counters.contains("(\"no_peer\", 0)"), "{counters}");
 }
 
 /// Sends `total` bytes to a sink and returns (our SHA-256, the sink's).
@@ -231,12 +268,17 @@ async fn upload(client: SocketAddr, total: u64) -> ([u8; 32], [u8; 32]) {
 /// unbounded data. The client pushes 256 MiB as fast as it can while the
 /// backend reads 16 KiB every 10 ms for 3 s; "held" is what the proxy has
 /// acknowledged to the client but the backend has not read yet.
+///
+/// The transfer must then complete with the right SHA-256, or (ebpf mode,
+/// when the hand-over to userspace meets the kernel race described in
+/// docs/ebpf-datapath.md) end in a reset the client sees; `cargo xtask
+/// soak` fails on that too. A clean end with wrong bytes always fails.
 fn slow_reader_holds_bounded_data(mode: &'static str) {
     let Some(ns) = netns_or_skip("slow_reader") else {
         return;
     };
     let _d = start(&ns, mode);
-    let held_max = ns.run(async move {
+    let (held_max, result) = ns.run(async move {
         support::SINK_READ.store(0, Ordering::Relaxed);
         let _backend = Backend::start(
             BACKEND,
@@ -254,13 +296,13 @@ fn slow_reader_holds_bounded_data(mode: &'static str) {
             let chunk = support::pattern_chunk(7, 1 << 20);
             let mut h = Sha256::new();
             for _ in 0..256 {
-                s.write_all(&chunk).await.unwrap();
+                s.write_all(&chunk).await?;
                 h.update(&chunk);
             }
-            s.shutdown().await.unwrap();
+            s.shutdown().await?;
             let mut theirs = [0u8; 32];
-            s.read_exact(&mut theirs).await.unwrap();
-            (<[u8; 32]>::from(h.finalize()), theirs)
+            s.read_exact(&mut theirs).await?;
+            std::io::Result::Ok((<[u8; 32]>::from(h.finalize()), theirs))
         });
         let mut held_max = 0u64;
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -270,21 +312,31 @@ fn slow_reader_holds_bounded_data(mode: &'static str) {
             held_max = held_max.max(acked.saturating_sub(header_len + 1 + read));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let (sent, theirs) = tokio::time::timeout(Duration::from_mins(1), uploader)
+        let result = tokio::time::timeout(Duration::from_mins(1), uploader)
             .await
-            .unwrap()
+            .expect("the upload ends within a minute")
             .unwrap();
-        assert_eq!(sent, theirs, "content after the slow phase");
-        held_max
+        (held_max, result)
     });
     eprintln!(
-        "slow reader, mode {mode}: at most {:.1} MiB held by the proxy host",
-        mib(held_max)
+        "slow reader, mode {mode}: at most {:.1} MiB held by the proxy host; {}",
+        mib(held_max),
+        match &result {
+            Ok(_) => "transfer complete".to_owned(),
+            Err(e) => format!("transfer failed loudly: {e}"),
+        }
     );
     assert!(
         held_max < 64 << 20,
         "{mode}: {held_max} bytes held: unbounded buffering"
     );
+    match result {
+        Ok((sent, theirs)) => assert_eq!(sent, theirs, "content after the slow phase"),
+        Err(e) => assert!(
+            mode == "ebpf" && !strict(),
+            "{mode}: the transfer failed: {e}"
+        ),
+    }
 }
 
 #[test]
@@ -292,14 +344,10 @@ fn plain_slow_reader_holds_bounded_data() {
     slow_reader_holds_bounded_data("plain");
 }
 
-/// Known to fail: a verdict-only sockmap moves each skb out of the
-/// client socket's receive queue into the backend socket's psock backlog,
-/// which no socket buffer bounds, so TCP never closes the client's window.
-/// Measured here: 255.6 MiB held (plain: 4.8 MiB). `cargo xtask soak` runs
-/// it; docs/ebpf-datapath.md has the numbers. This is why `--mode auto`
-/// does not pick ebpf.
+/// Bounded by the hand-over to userspace once a direction's redirect
+/// backlog passes `--ebpf-max-backlog-kib` (4 MiB by default): measured
+/// 15.4 MiB held, against 255.6 MiB before the hand-over existed.
 #[test]
-#[ignore = "known defect of the sockmap data path: unbounded kernel buffering (docs/ebpf-datapath.md)"]
 fn ebpf_slow_reader_holds_bounded_data() {
     slow_reader_holds_bounded_data("ebpf");
 }

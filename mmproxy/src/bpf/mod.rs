@@ -1,10 +1,16 @@
 //! The BPF loader: loads the embedded object built by `cargo xtask
 //! build-ebpf`, fills in the kernel offsets from BTF, attaches the verdict
-//! program to the sockhash, and gives typed access to the maps.
+//! program to the sources sockhash, and gives typed access to the maps.
 
 pub mod btf;
 
-use std::{os::fd::AsRawFd, sync::Mutex};
+use std::{
+    os::fd::AsRawFd,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use aya::{
     Ebpf,
@@ -12,8 +18,8 @@ use aya::{
     programs::SkSkb,
 };
 use mmproxy_common::sockmap::{
-    COUNTERS_MAP, Counter, KernelOffsets, OFFSETS_MAP, SOCKETS_MAP, STATES_MAP, SocketState,
-    USER_READ_MAP, VERDICT_PROGRAM,
+    COUNTERS_MAP, Counter, KernelOffsets, OFFSETS_MAP, SOURCES_MAP, STATES_MAP, SocketState,
+    TARGETS_MAP, USER_READ_MAP, VERDICT_PROGRAM,
 };
 
 /// The object `cargo xtask build-ebpf` built (path set by build.rs).
@@ -42,6 +48,8 @@ pub struct Datapath {
     _ebpf: Ebpf,
     maps: Mutex<Maps>,
     counters: PerCpuArray<MapData, u64>,
+    /// Directions handed back to userspace because their backlog grew.
+    handovers: AtomicU64,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -51,7 +59,8 @@ impl std::fmt::Debug for Datapath {
 }
 
 struct Maps {
-    sockets: SockHash<MapData, u64>,
+    sources: SockHash<MapData, u64>,
+    targets: SockHash<MapData, u64>,
     states: HashMap<MapData, u64, SocketState>,
     user_read: HashMap<MapData, u64, u64>,
 }
@@ -68,7 +77,8 @@ impl Datapath {
             .map_err(LoadError::Btf)?;
 
         let mut ebpf = Ebpf::load(OBJECT).map_err(LoadError::Object)?;
-        let sockets: SockHash<MapData, u64> = take(&mut ebpf, SOCKETS_MAP)?;
+        let sources: SockHash<MapData, u64> = take(&mut ebpf, SOURCES_MAP)?;
+        let targets: SockHash<MapData, u64> = take(&mut ebpf, TARGETS_MAP)?;
         let states: HashMap<MapData, u64, SocketState> = take(&mut ebpf, STATES_MAP)?;
         let user_read: HashMap<MapData, u64, u64> = take(&mut ebpf, USER_READ_MAP)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, COUNTERS_MAP)?;
@@ -85,10 +95,10 @@ impl Datapath {
                 0,
             )
             .map_err(|e| LoadError::Map(OFFSETS_MAP, e))?;
-        let map_fd = sockets
+        let map_fd = sources
             .fd()
             .try_clone()
-            .map_err(|e| LoadError::Map(SOCKETS_MAP, e.into()))?;
+            .map_err(|e| LoadError::Map(SOURCES_MAP, e.into()))?;
         let program: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROGRAM)
             .ok_or(LoadError::MissingProgram)?
@@ -99,20 +109,22 @@ impl Datapath {
         Ok(Self {
             _ebpf: ebpf,
             maps: Mutex::new(Maps {
-                sockets,
+                sources,
+                targets,
                 states,
                 user_read,
             }),
             counters,
+            handovers: AtomicU64::new(0),
         })
     }
 
-    /// Splices two sockets: each one's skbs go out of the other. The
-    /// states go in first, then the upstream socket, then the client. Bytes
-    /// that arrive on the upstream socket before the client is in the map
-    /// are passed, in order, for userspace to forward (`SocketState::passed`).
-    /// `gap` widens the moment between the two inserts (fault injection for
-    /// tests, `MMPROXY_FAULT_ARM_GAP_MS`).
+    /// Splices two sockets: each one's skbs go out of the other. States go
+    /// in first, then both sockets as redirect targets, then both as
+    /// sources (upstream first): when the verdict first runs on either
+    /// socket its peer can already take the redirect, so no skb of the
+    /// arming window is passed. `gap` widens the moment between the two
+    /// source inserts (fault injection for tests, `MMPROXY_FAULT_ARM_GAP_MS`).
     pub async fn arm(
         &self,
         client: (&impl AsRawFd, u64),
@@ -127,14 +139,33 @@ impl Datapath {
             let mut maps = self.lock();
             maps.states.insert(client.1, state(upstream.1), 0)?;
             maps.states.insert(upstream.1, state(client.1), 0)?;
-            maps.sockets.insert(upstream.1, upstream.0.as_raw_fd(), 0)?;
+            maps.targets.insert(upstream.1, upstream.0.as_raw_fd(), 0)?;
+            maps.targets.insert(client.1, client.0.as_raw_fd(), 0)?;
+            maps.sources.insert(upstream.1, upstream.0.as_raw_fd(), 0)?;
         }
         if let Some(gap) = gap {
             tokio::time::sleep(gap).await;
         }
         self.lock()
-            .sockets
+            .sources
             .insert(client.1, client.0.as_raw_fd(), 0)
+    }
+
+    /// Stops the verdict on one socket: what arrives there stays on its
+    /// receive queue (TCP flow control applies again) for userspace to
+    /// forward. The socket stays a redirect target, so skbs already queued
+    /// to be sent out of it, and its peer's redirects, are unaffected.
+    /// A verdict already running on another CPU may still finish; taking
+    /// the socket lock afterwards (any `setsockopt`) waits for it.
+    pub fn stop_verdict(&self, cookie: u64) -> Result<(), aya::maps::MapError> {
+        self.lock().sources.remove(&cookie)?;
+        self.handovers.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Directions handed back to userspace since start.
+    pub fn handovers(&self) -> u64 {
+        self.handovers.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -163,8 +194,13 @@ impl Datapath {
             .maps
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Verdicts stop first; then nothing can be redirected to a socket
+        // that is leaving the targets.
         for cookie in cookies {
-            let _ = maps.sockets.remove(&cookie);
+            let _ = maps.sources.remove(&cookie);
+        }
+        for cookie in cookies {
+            let _ = maps.targets.remove(&cookie);
             let _ = maps.states.remove(&cookie);
             let _ = maps.user_read.remove(&cookie);
         }

@@ -15,6 +15,11 @@
 //! 5. A tripwire compares what the verdict redirected with what TCP
 //!    received; any inconsistency resets both sides rather than deliver a
 //!    corrupt stream.
+//! 6. A direction whose redirect backlog (bytes the kernel took from the
+//!    source but the destination socket has not taken yet) passes the
+//!    limit is handed back to userspace for good: nothing else bounds that
+//!    backlog, so a slow reader would otherwise make the kernel hold
+//!    everything the sender can push.
 
 use std::{
     io,
@@ -34,6 +39,7 @@ use mmproxy_common::sockmap::{Counter, STATE_TRIM_FAILED};
 use crate::{
     bpf::Datapath,
     error::Side,
+    sock_diag,
     sockopt::{self, TcpInfo},
 };
 
@@ -48,6 +54,8 @@ const SEND_STALL: Duration = Duration::from_millis(100);
 const DRAIN_POLL: Duration = Duration::from_micros(500);
 /// Read size for the bytes forwarded by hand before arming.
 const PREARM_READ_BYTES: usize = 64 * 1024;
+/// Attempts at reading a quiet receive queue for the hand-over's books.
+const HANDOVER_BOOK_TRIES: u32 = 200;
 
 /// The sockmap forwarder.
 #[derive(Debug)]
@@ -60,6 +68,18 @@ pub struct SockmapForwarder {
     /// Fault injection for tests: a pause between the two map inserts,
     /// from `MMPROXY_FAULT_ARM_GAP_MS` at start-up. None in production.
     arm_gap: Option<Duration>,
+    /// Bytes a direction's redirect backlog may hold before the direction
+    /// is handed back to userspace (`--ebpf-max-backlog-kib`).
+    max_backlog: u64,
+}
+
+/// How watching a direction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    /// The source sent its FIN.
+    Eof,
+    /// The backlog passed the limit: userspace takes the direction over.
+    Backlogged,
 }
 
 /// One socket of a connection and its accounting.
@@ -81,7 +101,7 @@ struct Leg<'a> {
 }
 
 impl SockmapForwarder {
-    pub fn new(datapath: Arc<Datapath>) -> Self {
+    pub fn new(datapath: Arc<Datapath>, max_backlog: u64) -> Self {
         let arm_gap = std::env::var("MMPROXY_FAULT_ARM_GAP_MS")
             .ok()
             .and_then(|ms| ms.parse().ok())
@@ -96,6 +116,7 @@ impl SockmapForwarder {
             datapath,
             fallback: SpliceForwarder::new(),
             arm_gap,
+            max_backlog,
         }
     }
 
@@ -208,7 +229,9 @@ impl SockmapForwarder {
     /// Returns every byte delivered to `dst`: written by hand (before and
     /// after arming) plus redirected by the kernel.
     async fn direction(&self, mut src: Leg<'_>, mut dst: Leg<'_>) -> DirectionResult {
-        self.watch_until_eof(&mut src, &mut dst).await?;
+        if self.watch(&mut src, &mut dst).await? == Watched::Backlogged {
+            return self.hand_over(&mut src, &mut dst).await;
+        }
         let redirected = self.drain(&mut src, &mut dst).await?;
         match SockRef::from(dst.stream).shutdown(std::net::Shutdown::Write) {
             Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => return Err((dst.side, e)),
@@ -217,11 +240,13 @@ impl SockmapForwarder {
         Ok(dst.written_by_userspace + redirected)
     }
 
-    async fn watch_until_eof(
+    /// Watches `src` until its FIN or until the direction's backlog passes
+    /// the limit, forwarding passed bytes and kicking stalls meanwhile.
+    async fn watch(
         &self,
         src: &mut Leg<'_>,
         dst: &mut Leg<'_>,
-    ) -> Result<(), (Side, io::Error)> {
+    ) -> Result<Watched, (Side, io::Error)> {
         let mut last_progress = (0u64, Instant::now());
         let mut last_kick = Instant::now();
         let mut kicks = 0u64;
@@ -242,7 +267,7 @@ impl SockmapForwarder {
                     return Err((src.side, io::Error::other("socket error")));
                 }
                 if ready.is_read_closed() {
-                    return Ok(());
+                    return Ok(Watched::Eof);
                 }
                 // Readable without FIN: the verdict passed skbs to this
                 // socket, or tokio's readiness is stale (the forward below
@@ -252,22 +277,22 @@ impl SockmapForwarder {
                 // verdict could not trim overlaps bytes already sent:
                 // reset rather than forward a duplicate.
                 if self.datapath.state(src.cookie).flags & STATE_TRIM_FAILED != 0 {
-                    return Err((
-                        Side::Internal,
-                        io::Error::other(format!(
-                            "sockmap: the kernel handed the {} socket an skb overlapping bytes \
-                             already redirected, too large to trim; resetting",
-                            src.side
-                        )),
-                    ));
+                    return Err(trim_failed(src.side));
                 }
                 if self.forward_passed(src, dst, &mut buf).await? {
-                    return Ok(());
+                    return Ok(Watched::Eof);
                 }
             }
             let (redirected, info) = self.check_books(src)?;
             if sockopt::TCP_STATES_AFTER_PEER_FIN.contains(&info.state) {
-                return Ok(());
+                return Ok(Watched::Eof);
+            }
+            // Passed bytes must reach `dst` before the hand-over (they are
+            // forwarded above); a hand-over with some unread would skip them.
+            if redirect_backlog(dst, redirected)? > self.max_backlog
+                && self.datapath.state(src.cookie).passed == src.passed_read
+            {
+                return Ok(Watched::Backlogged);
             }
             // Watchdog: bytes received but not redirected, no progress for
             // a tick, and no kick for a tick.
@@ -298,6 +323,71 @@ impl SockmapForwarder {
                 send.check(src, dst, redirected)?;
             }
         }
+    }
+
+    /// Hands the direction back to userspace for the rest of the
+    /// connection. The verdict stops on `src`, so what arrives there stays
+    /// on its receive queue and TCP closes the window on a slow reader.
+    /// Once `dst`'s far end has acknowledged every redirected byte (the
+    /// backlog is empty, so nothing can overtake it), userspace splices
+    /// `src` to `dst` until EOF, exactly as plain mode does.
+    async fn hand_over(&self, src: &mut Leg<'_>, dst: &mut Leg<'_>) -> DirectionResult {
+        self.datapath
+            .stop_verdict(src.cookie)
+            .map_err(|e| (Side::Internal, io::Error::other(e)))?;
+        // A verdict already running on another CPU holds the socket lock;
+        // setsockopt takes it, so the counts read below are final.
+        sockopt::set_rcvlowat(src.stream, 1).map_err(|e| (src.side, e))?;
+        let state = self.datapath.state(src.cookie);
+        if state.flags & STATE_TRIM_FAILED != 0 {
+            return Err(trim_failed(src.side));
+        }
+        if state.passed != src.passed_read {
+            // Passed between the last check and the stop: those bytes sit
+            // on the psock's queue, which nothing reads once the verdict is
+            // off. Never seen; loud rather than a gap in the stream.
+            return Err((
+                Side::Internal,
+                io::Error::other(format!(
+                    "sockmap hand-over: {} bytes passed to the {} socket during the hand-over; \
+                     resetting",
+                    state.passed - src.passed_read,
+                    src.side
+                )),
+            ));
+        }
+        tracing::debug!(
+            from = %src.side,
+            redirected = state.bytes,
+            "sockmap: backlog over the limit; handing the direction to userspace"
+        );
+        self.wait_acknowledged(src, dst, state.bytes).await?;
+        check_handover_books(src, state.bytes).await?;
+        let spliced = self
+            .fallback
+            .direction(src.stream, dst.stream, src.side, dst.side)
+            .await?;
+        Ok(dst.written_by_userspace + state.bytes + spliced)
+    }
+
+    /// Waits, without a deadline (a slow reader is allowed to be slow), until
+    /// `dst`'s far end has acknowledged everything sent to it.
+    async fn wait_acknowledged(
+        &self,
+        src: &Leg<'_>,
+        dst: &Leg<'_>,
+        redirected: u64,
+    ) -> Result<(), (Side, io::Error)> {
+        let mut send = SendWatch::new();
+        let mut poll = DRAIN_POLL;
+        while !send.check(src, dst, redirected)? {
+            if let Some(e) = dst.stream.take_error().map_err(|e| (dst.side, e))? {
+                return Err((dst.side, e));
+            }
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(WATCH_TICK);
+        }
+        Ok(())
     }
 
     /// Waits until everything `src` received has been acknowledged by
@@ -442,6 +532,58 @@ impl SendWatch {
         }
         Ok(false)
     }
+}
+
+/// Before userspace reads `src` itself: TCP's read position must sit
+/// exactly after the bytes already forwarded, or a splice would skip or
+/// repeat some. Checked as received = forwarded + still queued, read
+/// while the queue is quiet (a slow reader's window is closed by now).
+async fn check_handover_books(src: &Leg<'_>, redirected: u64) -> Result<(), (Side, io::Error)> {
+    let forwarded = src.read_by_userspace + redirected;
+    for _ in 0..HANDOVER_BOOK_TRIES {
+        let queued = sock_diag::tcp_receive_queue(src.stream).map_err(|e| (src.side, e))?;
+        let info = sockopt::tcp_info(src.stream).map_err(|e| (src.side, e))?;
+        let again = sock_diag::tcp_receive_queue(src.stream).map_err(|e| (src.side, e))?;
+        if queued != again {
+            tokio::time::sleep(DRAIN_POLL).await;
+            continue;
+        }
+        let received = data_received(&info);
+        if forwarded + u64::from(queued) == received {
+            return Ok(());
+        }
+        return Err((
+            Side::Internal,
+            io::Error::other(format!(
+                "sockmap hand-over: the {} socket received {received} bytes, {forwarded} \
+                 were forwarded and {queued} are queued; resetting rather than reading \
+                 from the wrong place",
+                src.side
+            )),
+        ));
+    }
+    tracing::debug!(side = %src.side, "sockmap hand-over: receive queue never quiet; books not checked");
+    Ok(())
+}
+
+/// Bytes redirected to `dst` that its psock still holds: sent to it
+/// (by the verdict or by hand) but neither acknowledged by its far end
+/// nor in its send queue. Socket buffers bound the rest.
+fn redirect_backlog(dst: &Leg<'_>, redirected: u64) -> Result<u64, (Side, io::Error)> {
+    let info = sockopt::tcp_info(dst.stream).map_err(|e| (dst.side, e))?;
+    let queued = sockopt::send_queue_bytes(dst.stream).map_err(|e| (dst.side, e))?;
+    let acked = info.bytes_acked.saturating_sub(dst.acked_baseline);
+    Ok((dst.written_by_userspace + redirected).saturating_sub(acked + queued))
+}
+
+fn trim_failed(side: Side) -> (Side, io::Error) {
+    (
+        Side::Internal,
+        io::Error::other(format!(
+            "sockmap: the kernel handed the {side} socket an skb overlapping bytes already \
+             redirected, too large to trim; resetting"
+        )),
+    )
 }
 
 /// Payload bytes received; after the peer's FIN `tcpi_bytes_received`

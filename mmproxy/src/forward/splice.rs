@@ -78,8 +78,9 @@ impl SpliceForwarder {
         }
     }
 
-    /// Moves `src` to `dst` until EOF, then half-closes `dst`.
-    async fn direction(
+    /// Moves `src` to `dst` until EOF, then half-closes `dst`. Also used by
+    /// the sockmap forwarder for a direction it hands back to userspace.
+    pub(super) async fn direction(
         &self,
         src: &TcpStream,
         dst: &TcpStream,
