@@ -1,4 +1,4 @@
-//! The in-kernel data path: both sockets go into a BPF sockhash and the
+//! The in-kernel data path: both sockets go into BPF sockhashes and the
 //! verdict program (`mmproxy-ebpf`) sends each arriving skb out of the
 //! peer socket. Userspace never reads payload once a connection is armed;
 //! it watches for FIN, errors and resets, and keeps the books.
@@ -6,7 +6,8 @@
 //! The order of operations matters on this kernel (docs/ebpf-datapath.md):
 //! 1. Everything already readable is read and forwarded by userspace, so
 //!    no skb is left half-read (the verdict would send it whole again).
-//! 2. States go in first, then the upstream socket, then the client.
+//! 2. States go in first, then both sockets as redirect targets, then
+//!    both as verdict sources, so no skb can find its peer missing.
 //! 3. `SO_RCVLOWAT` kicks the verdict over bytes that arrived between 1
 //!    and 2 (a `recv()` would leave a stale `copied_seq` behind).
 //! 4. On FIN, the peer is half-closed only once every byte the source
