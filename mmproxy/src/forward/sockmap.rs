@@ -537,8 +537,11 @@ impl SendWatch {
 
 /// Before userspace reads `src` itself: TCP's read position must sit
 /// exactly after the bytes already forwarded, or a splice would skip or
-/// repeat some. Checked as received = forwarded + still queued, read
-/// while the queue is quiet (a slow reader's window is closed by now).
+/// repeat some. Checked as received = forwarded + still queued. Nothing
+/// reads `src` now, so its queue only grows: the same queue length before
+/// and after `TCP_INFO` means nothing arrived in between. A queue that
+/// never holds still (the window closes within milliseconds once nothing
+/// reads) is not spliced unchecked: the connection is reset.
 async fn check_handover_books(src: &Leg<'_>, redirected: u64) -> Result<(), (Side, io::Error)> {
     let forwarded = src.read_by_userspace + redirected;
     for _ in 0..HANDOVER_BOOK_TRIES {
@@ -563,8 +566,14 @@ async fn check_handover_books(src: &Leg<'_>, redirected: u64) -> Result<(), (Sid
             )),
         ));
     }
-    tracing::debug!(side = %src.side, "sockmap hand-over: receive queue never quiet; books not checked");
-    Ok(())
+    Err((
+        Side::Internal,
+        io::Error::other(format!(
+            "sockmap hand-over: the {} socket's receive queue kept growing; its books could \
+             not be checked, resetting",
+            src.side
+        )),
+    ))
 }
 
 /// Bytes redirected to `dst` that its psock still holds: sent to it
