@@ -5,7 +5,7 @@
 //! `FIONREAD` cannot answer it for a socket in a BPF sockmap: there the
 //! kernel reports the psock's own queue instead (`tcp_bpf_ioctl`).
 
-use std::{io, net::SocketAddr, os::fd::AsRawFd};
+use std::{io, net::SocketAddr, os::fd::AsFd};
 
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::{
@@ -18,10 +18,8 @@ use socket2::SockRef;
 
 /// Bytes between TCP's read position and the next byte expected from the
 /// peer: received, not yet read (by a reader or by a BPF verdict).
-pub fn tcp_receive_queue(stream: &impl AsRawFd) -> io::Result<u32> {
-    // SAFETY: the descriptor stays open for this call (borrowed).
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-    let sock = SockRef::from(&fd);
+pub fn tcp_receive_queue(stream: &impl AsFd) -> io::Result<u32> {
+    let sock = SockRef::from(stream);
     let local = sock
         .local_addr()?
         .as_socket()
