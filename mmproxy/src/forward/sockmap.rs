@@ -290,7 +290,8 @@ impl SockmapForwarder {
             }
             // Passed bytes must reach `dst` before the hand-over (they are
             // forwarded above); a hand-over with some unread would skip them.
-            if redirect_backlog(dst, redirected)? > self.max_backlog
+            let dst_info = tcp_info(dst)?;
+            if redirect_backlog(dst, &dst_info, redirected)? > self.max_backlog
                 && self.datapath.state(src.cookie).passed == src.passed_read
             {
                 return Ok(Watched::Backlogged);
@@ -321,7 +322,7 @@ impl SockmapForwarder {
                 last_progress = (redirected, Instant::now());
             }
             if !pending {
-                send.check(src, dst, redirected)?;
+                send.check(src, dst, &dst_info, redirected);
             }
         }
     }
@@ -381,7 +382,7 @@ impl SockmapForwarder {
     ) -> Result<(), (Side, io::Error)> {
         let mut send = SendWatch::new();
         let mut poll = DRAIN_POLL;
-        while !send.check(src, dst, redirected)? {
+        while !send.check(src, dst, &tcp_info(dst)?, redirected) {
             if let Some(e) = dst.stream.take_error().map_err(|e| (dst.side, e))? {
                 return Err((dst.side, e));
             }
@@ -406,7 +407,7 @@ impl SockmapForwarder {
                 self.forward_passed(src, dst, &mut buf).await?;
                 let _ = sockopt::set_rcvlowat(src.stream, 1);
             } else {
-                if send.check(src, dst, redirected)? {
+                if send.check(src, dst, &tcp_info(dst)?, redirected) {
                     return Ok(redirected);
                 }
                 if let Some(e) = dst.stream.take_error().map_err(|e| (dst.side, e))? {
@@ -459,7 +460,7 @@ impl SockmapForwarder {
     /// reads look like duplicates.
     fn check_books(&self, src: &Leg<'_>) -> Result<(u64, TcpInfo), (Side, io::Error)> {
         let redirected = self.datapath.redirected(src.cookie);
-        let info = sockopt::tcp_info(src.stream).map_err(|e| (src.side, e))?;
+        let info = tcp_info(src)?;
         let received = data_received(&info);
         if src.read_by_userspace + redirected > received {
             return Err((
@@ -500,18 +501,13 @@ impl SendWatch {
         }
     }
 
-    /// True when everything sent to `dst` has been acknowledged.
-    fn check(
-        &mut self,
-        src: &Leg<'_>,
-        dst: &Leg<'_>,
-        redirected: u64,
-    ) -> Result<bool, (Side, io::Error)> {
-        let info = sockopt::tcp_info(dst.stream).map_err(|e| (dst.side, e))?;
-        let acked = info.bytes_acked.saturating_sub(dst.acked_baseline);
+    /// True when everything sent to `dst` has been acknowledged, judged
+    /// from `dst_info` (`dst`'s `TCP_INFO`, read by the caller).
+    fn check(&mut self, src: &Leg<'_>, dst: &Leg<'_>, dst_info: &TcpInfo, redirected: u64) -> bool {
+        let acked = dst_info.bytes_acked.saturating_sub(dst.acked_baseline);
         let owed = dst.written_by_userspace + redirected;
         if acked >= owed {
-            return Ok(true);
+            return true;
         }
         if acked != self.acked {
             self.acked = acked;
@@ -531,7 +527,7 @@ impl SendWatch {
             let _ = sockopt::kick_write_space(dst.stream);
             self.since = Instant::now();
         }
-        Ok(false)
+        false
     }
 }
 
@@ -546,7 +542,7 @@ async fn check_handover_books(src: &Leg<'_>, redirected: u64) -> Result<(), (Sid
     let forwarded = src.read_by_userspace + redirected;
     for _ in 0..HANDOVER_BOOK_TRIES {
         let queued = sock_diag::tcp_receive_queue(src.stream).map_err(|e| (src.side, e))?;
-        let info = sockopt::tcp_info(src.stream).map_err(|e| (src.side, e))?;
+        let info = tcp_info(src)?;
         let again = sock_diag::tcp_receive_queue(src.stream).map_err(|e| (src.side, e))?;
         if queued != again {
             tokio::time::sleep(DRAIN_POLL).await;
@@ -579,11 +575,19 @@ async fn check_handover_books(src: &Leg<'_>, redirected: u64) -> Result<(), (Sid
 /// Bytes redirected to `dst` that its psock still holds: sent to it
 /// (by the verdict or by hand) but neither acknowledged by its far end
 /// nor in its send queue. Socket buffers bound the rest.
-fn redirect_backlog(dst: &Leg<'_>, redirected: u64) -> Result<u64, (Side, io::Error)> {
-    let info = sockopt::tcp_info(dst.stream).map_err(|e| (dst.side, e))?;
+fn redirect_backlog(
+    dst: &Leg<'_>,
+    dst_info: &TcpInfo,
+    redirected: u64,
+) -> Result<u64, (Side, io::Error)> {
     let queued = sockopt::send_queue_bytes(dst.stream).map_err(|e| (dst.side, e))?;
-    let acked = info.bytes_acked.saturating_sub(dst.acked_baseline);
+    let acked = dst_info.bytes_acked.saturating_sub(dst.acked_baseline);
     Ok((dst.written_by_userspace + redirected).saturating_sub(acked + queued))
+}
+
+/// A leg's `TCP_INFO`, an error blamed on its side.
+fn tcp_info(leg: &Leg<'_>) -> Result<TcpInfo, (Side, io::Error)> {
+    sockopt::tcp_info(leg.stream).map_err(|e| (leg.side, e))
 }
 
 fn trim_failed(side: Side) -> (Side, io::Error) {
