@@ -181,19 +181,12 @@ impl Datapath {
 
     /// The verdict's state for the socket with this cookie.
     pub fn state(&self, cookie: u64) -> SocketState {
-        let maps = self
-            .maps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        maps.states.get(&cookie, 0).unwrap_or_default()
+        self.lock().states.get(&cookie, 0).unwrap_or_default()
     }
 
     /// Removes a connection's sockets and states.
     pub fn disarm(&self, cookies: [u64; 2]) {
-        let mut maps = self
-            .maps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut maps = self.lock();
         // Verdicts stop first; then nothing can be redirected to a socket
         // that is leaving the targets.
         for cookie in cookies {
@@ -210,11 +203,7 @@ impl Datapath {
     /// of this socket in total; the verdict resumes redirecting once this
     /// catches up with what it passed.
     pub fn set_user_read(&self, cookie: u64, bytes: u64) -> Result<(), aya::maps::MapError> {
-        let mut maps = self
-            .maps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        maps.user_read.insert(cookie, bytes, 0)
+        self.lock().user_read.insert(cookie, bytes, 0)
     }
 
     /// Sum over CPUs of one counter.
