@@ -1,46 +1,68 @@
-//! The sockmap data path: one stream-verdict program redirects every skb
-//! that arrives on a spliced socket out of its peer socket.
+//! The sockmap data path (v2): one stream-verdict program and a per-socket
+//! switch between two lossless actions.
+//!
+//! - REDIRECT: the skb is sent out of the peer socket (the kernel path).
+//! - PASS: the skb is queued on the socket's own psock (`ingress_msg`),
+//!   charged to that socket so its TCP window closes, and read by
+//!   userspace with `recv()`.
+//!
+//! Sockets stay in [`SOCKETS_MAP`] until `close()`: a delete from a live
+//! socket can race the kernel's read loop and drop data
+//! (docs/ebpf-datapath.md, finding 8), so the switch is a map value, never
+//! a map membership.
 
-/// `SockHash<u64>`, keyed by socket cookie (`SO_COOKIE`): the sockets whose
-/// arriving skbs the verdict program (attached to this map) redirects.
-pub const SOURCES_MAP: &str = "SOURCES";
-/// `SockHash<u64>`, keyed by socket cookie: the sockets skbs may be
-/// redirected to. No program is attached, so a socket that leaves
-/// [`SOURCES_MAP`] keeps its psock (and its queued skbs) through this one.
-pub const TARGETS_MAP: &str = "TARGETS";
-/// `HashMap<u64, SocketState>`: per spliced socket, its peer and progress.
+/// `SockHash<u64>`, keyed by socket cookie (`SO_COOKIE`): every armed
+/// socket; the verdict program is attached here. A socket leaves it only
+/// when it is closed (`sock_map_close`, under the socket lock).
+pub const SOCKETS_MAP: &str = "SOCKETS";
+/// `HashMap<u64, SocketState>`: per armed socket, written by the verdict.
 pub const STATES_MAP: &str = "STATES";
-/// `HashMap<u64, u64>`: per socket, the passed bytes userspace has read
-/// and forwarded by hand. Only userspace writes it (so it never races the
-/// verdict's own updates of [`SocketState`]).
-pub const USER_READ_MAP: &str = "USER_READ";
+/// `HashMap<u64, FlowControl>`: per armed socket, written by userspace
+/// only (so neither side ever overwrites the other's fields).
+pub const CONTROLS_MAP: &str = "CONTROLS";
+/// `RingBuf` of [`Signal`]s: the verdict asks userspace to look at a
+/// socket. The only wake-up userspace gets while a direction is redirected.
+pub const SIGNALS_MAP: &str = "SIGNALS";
 /// `PerCpuArray<u64>`: one slot per [`Counter`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// `Array<KernelOffsets>` with one entry, filled by userspace from BTF.
 pub const OFFSETS_MAP: &str = "OFFSETS";
 /// The `sk_skb/stream_verdict` program.
-pub const VERDICT_PROGRAM: &str = "redirect_to_peer";
+pub const VERDICT_PROGRAM: &str = "redirect_or_pass";
 
-/// Entries in each socket map and [`STATES_MAP`]: two per connection.
+/// Entries in the socket map and the per-socket hash maps: two per
+/// connection.
 pub const MAX_SOCKETS: u32 = 131_072;
+/// Bytes of [`SIGNALS_MAP`]: 16 K signals of 8 bytes (plus the ring's
+/// 8-byte record headers) in flight before the verdict has to retry.
+pub const SIGNALS_BYTES: u32 = 256 * 1024;
 
-/// Per-socket state, keyed by the socket's cookie.
-///
-/// Written by userspace when a connection is armed; the verdict program
-/// updates `next_seq` and `bytes`. The verdict runs with the receiving
-/// socket locked, so per-socket fields need no atomics.
+/// [`FlowControl::mode`]: skbs arriving on the socket are passed to it.
+pub const MODE_PASS: u32 = 0;
+/// [`FlowControl::mode`]: skbs arriving on the socket are redirected to
+/// its peer, within [`FlowControl::redirect_limit`].
+pub const MODE_REDIRECT: u32 = 1;
+
+/// Per-socket state, keyed by the socket's cookie. Inserted by userspace
+/// at arming, then written only by the verdict, which runs with the
+/// receiving socket locked, so its fields need no atomics.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketState {
-    /// Cookie of the socket every skb received here is sent out of.
+    /// Cookie of the socket every redirected skb is sent out of.
     pub peer_cookie: u64,
-    /// Payload bytes this socket handed to its peer through the verdict.
-    pub bytes: u64,
-    /// Payload bytes the verdict passed to this socket's own queue: the
-    /// peer was not armed yet, or earlier passed bytes were still unread.
-    /// While userspace has read fewer ([`USER_READ_MAP`]), the verdict keeps
-    /// passing, so bytes reach the peer in order.
+    /// Payload bytes redirected to the peer.
+    pub redirected: u64,
+    /// Payload bytes passed to this socket's own queue for userspace.
     pub passed: u64,
+    /// Signals sent for this socket (see [`FlowControl::signals_seen`]).
+    pub signals: u64,
+    /// Where, in the stream of passed bytes, the latest passed skb that
+    /// overlapped bytes already handed on begins; its first `skip_len`
+    /// bytes are duplicates that userspace drops.
+    pub skip_at: u64,
+    /// Duplicate bytes at `skip_at` (0: none yet).
+    pub skip_len: u64,
     /// TCP sequence number just past the last byte given to the verdict;
     /// valid when `flags & STATE_SEQ_VALID`. See `docs/ebpf-datapath.md`.
     pub next_seq: u32,
@@ -50,9 +72,44 @@ pub struct SocketState {
 
 /// `SocketState::next_seq` holds a sequence number.
 pub const STATE_SEQ_VALID: u32 = 1;
-/// The verdict passed an skb it could not trim: bytes on this socket's own
-/// queue overlap bytes already redirected. Userspace must reset.
+/// An overlapping skb arrived while userspace had not yet reported
+/// dropping the previous one's duplicates: the verdict cannot describe
+/// both, so userspace resets.
 pub const STATE_TRIM_FAILED: u32 = 2;
+
+/// What userspace allows the verdict to do with one socket's skbs.
+/// Written only by userspace; the verdict reads it per skb.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowControl {
+    /// Passed bytes userspace has read and written to the peer. The
+    /// verdict redirects only while `SocketState::passed == user_read`:
+    /// a redirected skb can then never overtake passed bytes.
+    pub user_read: u64,
+    /// The verdict redirects while `SocketState::redirected` is below
+    /// this; past it, skbs are passed (the direction's redirect backlog
+    /// is bounded by `--ebpf-max-backlog-kib`).
+    pub redirect_limit: u64,
+    /// Once `SocketState::redirected` reaches this, the verdict signals
+    /// userspace, which measures the backlog and moves the limit on.
+    pub notify_at: u64,
+    /// Signals userspace has handled. The verdict signals only while
+    /// `SocketState::signals == signals_seen`: one signal in flight per
+    /// socket, however many skbs arrive.
+    pub signals_seen: u64,
+    /// [`MODE_PASS`] or [`MODE_REDIRECT`].
+    pub mode: u32,
+    /// Keeps the struct size a multiple of 8 on both sides.
+    pub padding: u32,
+}
+
+/// A record of [`SIGNALS_MAP`]: look at this socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Signal {
+    /// The cookie of the socket whose verdict signalled.
+    pub cookie: u64,
+}
 
 /// Offsets the verdict needs inside the kernel's `struct sk_buff`, read
 /// from the running kernel's BTF at start-up (never hard-coded: they differ
@@ -65,7 +122,7 @@ pub struct KernelOffsets {
     /// `offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, end_seq)`.
     pub skb_end_seq: u32,
     /// Non-zero once userspace has filled the offsets in; until then the
-    /// overlap guard is off and the verdict passes nothing it cannot check.
+    /// overlap guard is off.
     pub valid: u32,
     /// Keeps the struct size a multiple of 8 on both sides.
     pub padding: u32,
@@ -79,7 +136,7 @@ pub enum Counter {
     RedirectedSkbs = 0,
     /// Payload bytes in those skbs.
     RedirectedBytes = 1,
-    /// Redirects the kernel refused; the skb stayed on its own socket.
+    /// Redirects the kernel refused; the skb was passed instead.
     RedirectFailures = 2,
     /// skbs on a socket with no state entry (not armed, or being removed).
     NoPeer = 3,
@@ -91,16 +148,25 @@ pub enum Counter {
     OverlapBytes = 6,
     /// skbs that held only data already redirected, and were dropped.
     DuplicatesDropped = 7,
-    /// A trim the kernel refused (`bpf_skb_adjust_room` failed); the skb
-    /// was passed to its own socket rather than redirected with old bytes.
+    /// An overlap that could not be described to userspace (see
+    /// `STATE_TRIM_FAILED`); the connection is reset.
     TrimFailures = 8,
-    /// skbs passed because earlier passed bytes were still unread.
-    PassedInOrder = 9,
+    /// skbs passed to their own socket for userspace.
+    PassedSkbs = 9,
+    /// Payload bytes in those skbs.
+    PassedBytes = 10,
+    /// Signals sent to userspace.
+    Signals = 11,
+    /// Signals the ring buffer had no room for (retried on the next skb).
+    SignalsLost = 12,
+    /// skbs that overlapped bytes already handed on by more than one trim
+    /// can remove, passed whole with the duplicates marked for userspace.
+    OverlapsPassed = 13,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 14] = [
         Counter::RedirectedSkbs,
         Counter::RedirectedBytes,
         Counter::RedirectFailures,
@@ -110,7 +176,11 @@ impl Counter {
         Counter::OverlapBytes,
         Counter::DuplicatesDropped,
         Counter::TrimFailures,
-        Counter::PassedInOrder,
+        Counter::PassedSkbs,
+        Counter::PassedBytes,
+        Counter::Signals,
+        Counter::SignalsLost,
+        Counter::OverlapsPassed,
     ];
 
     /// A name for logs and metrics labels.
@@ -125,24 +195,32 @@ impl Counter {
             Counter::OverlapBytes => "overlap_bytes",
             Counter::DuplicatesDropped => "duplicates_dropped",
             Counter::TrimFailures => "trim_failures",
-            Counter::PassedInOrder => "passed_in_order",
+            Counter::PassedSkbs => "passed_skbs",
+            Counter::PassedBytes => "passed_bytes",
+            Counter::Signals => "signals",
+            Counter::SignalsLost => "signals_lost",
+            Counter::OverlapsPassed => "overlaps_passed",
         }
     }
 }
 
 /// Number of slots in [`COUNTERS_MAP`].
-#[expect(clippy::cast_possible_truncation, reason = "ten counters fit any u32")]
+#[expect(clippy::cast_possible_truncation, reason = "14 counters fit any u32")]
 pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
 
 // The kernel side and userspace must agree on these layouts byte for byte.
-const _: () = assert!(core::mem::size_of::<SocketState>() == 32);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 56);
+const _: () = assert!(core::mem::size_of::<FlowControl>() == 40);
+const _: () = assert!(core::mem::size_of::<Signal>() == 8);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: both are #[repr(C)] structs of integers with no padding
-    // (asserted above), so every byte pattern is a valid value.
+    // SAFETY: #[repr(C)] structs of integers with no padding (asserted
+    // above), so every byte pattern is a valid value.
     unsafe impl aya::Pod for super::SocketState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowControl {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelOffsets {}
 }

@@ -1,23 +1,25 @@
-//! mmproxy's in-kernel data path.
+//! mmproxy's in-kernel data path (v2).
 //!
-//! Userspace puts both sockets of a proxied connection into [`TARGETS`]
-//! (where redirects look their peer up), then into [`SOURCES`] (where this
-//! program is attached), and records each one's peer in [`STATES`]. From
-//! then on every skb that TCP hands to a source socket's stream-verdict
-//! hook (`tcp_read_skb`, Linux 6.6+ for verdict-only sockmaps) comes here
-//! and is redirected out of the peer socket's send path: the bytes never
-//! reach userspace.
+//! Userspace puts both sockets of a proxied connection into [`SOCKETS`],
+//! records each one's peer in [`STATES`] and what the verdict may do with
+//! it in [`CONTROLS`]. Every skb TCP hands to an armed socket's
+//! stream-verdict hook (`tcp_read_skb`, Linux 6.6+ for verdict-only
+//! sockmaps) comes here and is either redirected out of the peer socket
+//! or passed to the socket's own psock queue, where userspace reads it.
+//! Both are lossless; which one applies is a map value, never a change
+//! of map membership (a delete races the kernel's read loop and drops
+//! data: docs/ebpf-datapath.md, finding 8).
 //!
-//! Two maps, because a direction must be able to leave the kernel path on
-//! its own: when a slow reader lets a direction's backlog grow, userspace
-//! removes the source socket from [`SOURCES`] (its verdict stops, TCP flow
-//! control is back) while the socket stays in [`TARGETS`], so its psock,
-//! and the bytes still queued to be sent out of it, survive.
+//! The verdict redirects only while userspace allows it (mode REDIRECT),
+//! every passed byte has been forwarded (so nothing overtakes them), and
+//! the bytes redirected stay under a limit userspace moves on as the peer
+//! drains (so a slow reader closes the sender's window instead of growing
+//! a backlog without bound). At a threshold, and when it starts passing
+//! on its own, it signals userspace through [`SIGNALS`].
 //!
 //! The overlap guard exists because `tcp_read_skb` hands over whole skbs
 //! even when the head of one was already read (a coalesced partial
 //! retransmit); redirected as is, those bytes would reach the peer twice.
-//! `docs/ebpf-datapath.md` has the mechanism and the measurements.
 
 #![no_std]
 #![no_main]
@@ -26,25 +28,25 @@ use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel, generated::bpf_skb_adjust_room},
     macros::{map, stream_verdict},
-    maps::{Array, HashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use mmproxy_common::sockmap::{
-    COUNTER_SLOTS, Counter, KernelOffsets, MAX_SOCKETS, STATE_SEQ_VALID, STATE_TRIM_FAILED,
-    SocketState,
+    COUNTER_SLOTS, Counter, FlowControl, KernelOffsets, MAX_SOCKETS, MODE_REDIRECT, SIGNALS_BYTES,
+    STATE_SEQ_VALID, STATE_TRIM_FAILED, Signal, SocketState,
 };
 
-#[map(name = "SOURCES")]
-static SOURCES: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
-
-#[map(name = "TARGETS")]
-static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+#[map(name = "SOCKETS")]
+static SOCKETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 #[map(name = "STATES")]
 static STATES: HashMap<u64, SocketState> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
-#[map(name = "USER_READ")]
-static USER_READ: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+#[map(name = "CONTROLS")]
+static CONTROLS: HashMap<u64, FlowControl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[map(name = "SIGNALS")]
+static SIGNALS: RingBuf = RingBuf::with_byte_size(SIGNALS_BYTES, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -57,77 +59,126 @@ static OFFSETS: Array<KernelOffsets> = Array::with_max_entries(1, 0);
 const MAX_TRIM_PER_CALL: u32 = 4095;
 
 #[stream_verdict]
-fn redirect_to_peer(ctx: SkBuffContext) -> u32 {
-    match try_redirect_to_peer(&ctx) {
-        Ok(action) | Err(action) => action,
-    }
+fn redirect_or_pass(ctx: SkBuffContext) -> u32 {
+    verdict(&ctx)
 }
 
-fn try_redirect_to_peer(ctx: &SkBuffContext) -> Result<u32, u32> {
+fn verdict(ctx: &SkBuffContext) -> u32 {
     // A FIN arrives as an empty skb, after TCP has already recorded it
     // (RCV_SHUTDOWN, CLOSE_WAIT, EPOLLRDHUP), so the skb carries nothing.
-    // Redirected, the peer's backlog worker reads `skb_send_sock() == 0` as
-    // a hard error. Passed, it can reach this socket's own backlog, where
-    // `sk_psock_handle_skb() == 0` is the same hard error: EPIPE on this
-    // socket and its transmit disabled, so data still being redirected to
-    // it is lost (seen here: a 1 GiB echo cut at 724 MB). Dropped, it is
-    // harmless; userspace propagates the FIN with shutdown(SHUT_WR).
+    // Redirected or passed, it can end on a psock backlog where a zero
+    // return from the send is a hard error (EPIPE, transmit disabled).
+    // Dropped, it is harmless; userspace propagates the FIN.
     if ctx.len() == 0 {
         count(Counter::Empty, 1);
-        return Ok(SK_DROP);
+        return SK_DROP;
     }
 
     // SAFETY: the context of an sk_skb program is a valid sk_buff.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let Some(state) = STATES.get_ptr_mut(&cookie) else {
         // Not armed (or being torn down). Passing keeps the bytes on this
-        // socket's receive queue, where userspace can still read them;
-        // dropping would lose data TCP has already acknowledged.
+        // socket, where userspace can still read them; dropping would
+        // lose data TCP has already acknowledged.
         count(Counter::NoPeer, 1);
-        return Ok(SK_PASS);
+        return SK_PASS;
     };
     // SAFETY: map value pointers stay valid for the program's run, and the
     // verdict runs with this socket locked, so no other writer races us.
     let state = unsafe { &mut *state };
+    // SAFETY: as above; userspace replaces the whole value atomically.
+    let control = unsafe { CONTROLS.get(&cookie) }
+        .copied()
+        .unwrap_or_default();
 
-    if !skip_already_redirected(ctx, state)? {
-        count(Counter::DuplicatesDropped, 1);
-        return Ok(SK_DROP);
+    match skip_already_redirected(ctx, state) {
+        Overlap::None => {}
+        Overlap::AllOld => {
+            count(Counter::DuplicatesDropped, 1);
+            return SK_DROP;
+        }
+        Overlap::TooLarge(overlap) => {
+            // Passed whole, its duplicate head marked for userspace, which
+            // drops it. Only one mark fits: if userspace has not reported
+            // reading past the previous one, flag the socket for a reset.
+            if state.skip_len == 0 || control.user_read >= state.skip_at + state.skip_len {
+                state.skip_at = state.passed;
+                state.skip_len = u64::from(overlap);
+                count(Counter::OverlapsPassed, 1);
+            } else {
+                state.flags |= STATE_TRIM_FAILED;
+                count(Counter::TrimFailures, 1);
+            }
+            pass(ctx, cookie, state, &control);
+            return SK_PASS;
+        }
     }
 
     let len = u64::from(ctx.len());
-    // Bytes passed earlier that userspace has not forwarded yet must reach
-    // the peer first: keep passing behind them until it catches up.
-    // SAFETY: map value pointers stay valid for the program's run.
-    let user_read = unsafe { USER_READ.get(&cookie) }.copied().unwrap_or(0);
-    if state.passed > user_read {
-        state.passed += len;
-        count(Counter::PassedInOrder, 1);
-        return Ok(SK_PASS);
-    }
-    let action = TARGETS.redirect_skb(ctx, state.peer_cookie, 0);
-    if action == i64::from(SK_PASS) {
-        state.bytes += len;
-        count(Counter::RedirectedSkbs, 1);
-        count(Counter::RedirectedBytes, len);
-        Ok(SK_PASS)
-    } else {
-        // The peer is not in the map (yet, or any more). Keep the data on
-        // this socket, in order, for userspace to forward.
-        state.passed += len;
+    let allowed = control.mode == MODE_REDIRECT
+        && state.passed == control.user_read
+        && state.redirected < control.redirect_limit;
+    if allowed {
+        if SOCKETS.redirect_skb(ctx, state.peer_cookie, 0) == i64::from(SK_PASS) {
+            state.redirected += len;
+            count(Counter::RedirectedSkbs, 1);
+            count(Counter::RedirectedBytes, len);
+            if state.redirected >= control.notify_at {
+                signal(cookie, state, &control);
+            }
+            return SK_PASS;
+        }
+        // The peer is not in the map (closed meanwhile).
         count(Counter::RedirectFailures, 1);
-        Err(SK_PASS)
+    }
+    pass(ctx, cookie, state, &control);
+    SK_PASS
+}
+
+/// Keeps the skb on its own socket for userspace, and tells userspace if
+/// it believes the direction is redirected (it is not reading).
+fn pass(ctx: &SkBuffContext, cookie: u64, state: &mut SocketState, control: &FlowControl) {
+    let len = u64::from(ctx.len());
+    state.passed += len;
+    count(Counter::PassedSkbs, 1);
+    count(Counter::PassedBytes, len);
+    if control.mode == MODE_REDIRECT {
+        signal(cookie, state, control);
     }
 }
 
-/// Trims bytes this socket already redirected off the front of the skb.
-/// Returns `Ok(false)` when nothing new is left (the caller drops the skb).
-fn skip_already_redirected(ctx: &SkBuffContext, state: &mut SocketState) -> Result<bool, u32> {
+/// One signal in flight per socket: userspace acknowledges it by copying
+/// `signals` into `signals_seen`. A full ring is retried on the next skb.
+fn signal(cookie: u64, state: &mut SocketState, control: &FlowControl) {
+    if state.signals != control.signals_seen {
+        return;
+    }
+    if SIGNALS.output::<Signal>(Signal { cookie }, 0).is_ok() {
+        state.signals += 1;
+        count(Counter::Signals, 1);
+    } else {
+        count(Counter::SignalsLost, 1);
+    }
+}
+
+/// What the overlap guard found.
+enum Overlap {
+    /// Nothing of this skb was seen before (or it was trimmed off).
+    None,
+    /// Every byte was seen before: drop it.
+    AllOld,
+    /// An overlap of this many bytes, more than one trim removes: the skb
+    /// is passed whole and userspace drops the duplicate head.
+    TooLarge(u32),
+}
+
+/// Trims bytes this socket already handed on off the front of the skb.
+fn skip_already_redirected(ctx: &SkBuffContext, state: &mut SocketState) -> Overlap {
     let Some(offsets) = OFFSETS.get(0) else {
-        return Ok(true);
+        return Overlap::None;
     };
     if offsets.valid == 0 {
-        return Ok(true);
+        return Overlap::None;
     }
     let skb = ctx.skb.skb as *const u8;
     let seq = read_u32(skb, offsets.skb_seq);
@@ -141,29 +192,26 @@ fn skip_already_redirected(ctx: &SkBuffContext, state: &mut SocketState) -> Resu
         state.flags |= STATE_SEQ_VALID;
     }
     if !had_seq {
-        return Ok(true);
+        return Overlap::None;
     }
     let overlap = next.wrapping_sub(seq) as i32;
     if overlap <= 0 {
-        return Ok(true);
+        return Overlap::None;
     }
     let overlap = overlap as u32;
     if overlap >= ctx.len() {
-        return Ok(false);
+        return Overlap::AllOld;
     }
     // One helper call removes at most 4095 bytes. A bounded loop of calls
     // exceeded the verifier's budget on 6.18 (E2BIG after 24 s with 64
     // iterations, and after 71 s with 48), so a larger partial overlap is
-    // passed to this socket instead of redirected: userspace sees bytes it
-    // cannot account for and resets the connection. Never a corrupt stream.
+    // passed to this socket and userspace drops the duplicate bytes.
     if overlap > MAX_TRIM_PER_CALL || !shrink_front(ctx, overlap) {
-        count(Counter::TrimFailures, 1);
-        state.flags |= STATE_TRIM_FAILED;
-        return Err(SK_PASS);
+        return Overlap::TooLarge(overlap);
     }
     count(Counter::OverlapsTrimmed, 1);
     count(Counter::OverlapBytes, u64::from(overlap));
-    Ok(true)
+    Overlap::None
 }
 
 /// Removes `bytes` (at most 4095) from the front of the skb.

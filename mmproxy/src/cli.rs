@@ -100,9 +100,9 @@ pub struct Cli {
     pub mode: Mode,
 
     /// ebpf mode: KiB a direction may hold in the kernel, redirected but not
-    /// yet taken by the receiving socket, before that direction is handed
-    /// back to userspace (a slow reader then gets TCP flow control, as in
-    /// plain mode).
+    /// yet taken by the receiving socket. At the limit the direction
+    /// switches to userspace forwarding (PASS) until the backlog drains, so
+    /// a slow reader closes the sender's TCP window as in plain mode.
     #[arg(long = "ebpf-max-backlog-kib", value_name = "KIB", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
     pub ebpf_max_backlog_kib: u64,

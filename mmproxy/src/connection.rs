@@ -27,6 +27,9 @@ pub struct TcpProxy {
     pub upstream: UpstreamOptions,
     pub forwarder: Forwarder,
     pub metrics: Arc<Metrics>,
+    /// Cancelled when the drain timeout expires: connections still
+    /// forwarding then end with a reset to both peers.
+    pub abort: tokio_util::sync::CancellationToken,
 }
 
 /// Why a connection ended before or during forwarding.
@@ -172,7 +175,7 @@ impl TcpProxy {
             early_data,
             header_len: consumed,
         };
-        Ok(self.forwarder.forward(conn).await?)
+        Ok(self.forwarder.forward_until(conn, &self.abort).await?)
     }
 
     /// The backend to connect to, and the source to spoof (None: don't).

@@ -32,7 +32,6 @@ pub mod metrics;
 pub mod proxy_protocol;
 pub mod routing;
 pub mod server;
-pub mod sock_diag;
 pub mod sockopt;
 pub mod udp;
 pub mod upstream;

@@ -16,7 +16,6 @@ use std::{
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
-use mmproxy_common::sockmap::Counter as BpfCounter;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -32,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::{bpf::Datapath, udp::UdpProxy};
+use crate::{forward::sockmap::DatapathStats, udp::UdpProxy};
 
 /// Label pairs; the values are a handful of fixed names or errno names.
 pub type Labels = Vec<(&'static str, String)>;
@@ -85,7 +84,7 @@ pub fn errno_name(errno: i32) -> String {
 pub struct LiveCounters {
     pub mode: OnceLock<&'static str>,
     pub udp: OnceLock<Arc<UdpProxy>>,
-    pub datapath: OnceLock<Arc<Datapath>>,
+    pub datapath: OnceLock<DatapathStats>,
 }
 
 impl Collector for LiveCounters {
@@ -104,24 +103,19 @@ impl Collector for LiveCounters {
             encode_udp(&mut encoder, udp)?;
         }
         if let Some(datapath) = self.datapath.get() {
-            for c in BpfCounter::ALL {
-                let name = format!("mmproxy_ebpf_{}", c.name());
+            // BPF verdict counters summed over CPUs, and `pass_episodes`:
+            // directions switched to PASS because their redirect backlog
+            // reached --ebpf-max-backlog-kib.
+            for (name, value) in datapath.counters() {
+                let name = format!("mmproxy_ebpf_{name}");
                 let metric = encoder.encode_descriptor(
                     &name,
-                    "BPF verdict program counter, summed over CPUs",
+                    "ebpf data path counter (BPF counters summed over CPUs)",
                     None,
                     MetricType::Counter,
                 )?;
-                ConstCounter::new(datapath.counter(c)).encode(metric)?;
+                ConstCounter::new(value).encode(metric)?;
             }
-            let metric = encoder.encode_descriptor(
-                "mmproxy_ebpf_handovers",
-                "Directions handed back to userspace because their redirect backlog passed \
-                 --ebpf-max-backlog-kib",
-                None,
-                MetricType::Counter,
-            )?;
-            ConstCounter::new(datapath.handovers()).encode(metric)?;
         }
         Ok(())
     }

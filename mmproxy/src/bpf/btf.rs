@@ -35,21 +35,32 @@ pub enum BtfError {
     NoMember(String, String),
 }
 
-/// One parsed type: kind, name and, for structs and unions, members.
-#[derive(Debug, Clone)]
-struct Type {
-    kind: u32,
-    name: u32,
-    /// (name offset, type id, bit offset) for structs and unions.
-    members: Vec<(u32, u32, u32)>,
-}
-
-/// The type and string sections of a BTF blob.
+/// The type and string sections of a BTF blob, with each type's position.
+///
+/// Types are not decoded up front: the kernel's BTF has some 150,000 of
+/// them, and a decoded copy cost ebpf mode about 20 MiB of peak RSS for two
+/// lookups. Only each type's start is kept; members are read on demand.
 #[derive(Debug)]
 pub struct Btf {
-    /// Index = type id - 1 (id 0 is `void`).
-    types: Vec<Type>,
-    strings: Vec<u8>,
+    data: Vec<u8>,
+    /// Byte range of the type section in `data`.
+    types: std::ops::Range<usize>,
+    /// Byte range of the string section in `data`.
+    strings: std::ops::Range<usize>,
+    /// Index = type id - 1 (id 0 is `void`): the type's offset in the
+    /// type section.
+    starts: Vec<u32>,
+}
+
+/// One type's header fields.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    kind: u32,
+    name: u32,
+    vlen: usize,
+    kind_flag: bool,
+    /// Offset in the type section of what follows `struct btf_type`.
+    body: usize,
 }
 
 impl Btf {
@@ -63,48 +74,79 @@ impl Btf {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&data)
+        Self::parse(data)
     }
 
     /// Parses a little-endian BTF blob.
-    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
-        let u32_at = |off: usize| -> Option<u32> {
-            data.get(off..off + 4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        };
+    pub fn parse(data: Vec<u8>) -> Result<Self, BtfError> {
         let magic = data.get(0..2).map(|b| u16::from_le_bytes([b[0], b[1]]));
         if magic != Some(BTF_MAGIC) {
             return Err(BtfError::BadHeader);
         }
-        let header = |i: usize| u32_at(i).map(|v| v as usize).ok_or(BtfError::BadHeader);
+        let header = |i: usize| {
+            word(&data, i)
+                .map(|v| v as usize)
+                .ok_or(BtfError::BadHeader)
+        };
         let hdr_len = header(4)?;
         let (type_off, type_len) = (header(8)?, header(12)?);
         let (str_off, str_len) = (header(16)?, header(20)?);
         let section = |off: usize, len: usize| {
-            data.get(hdr_len + off..hdr_len + off + len)
+            let range = hdr_len + off..hdr_len + off + len;
+            data.get(range.clone())
+                .map(|_| range)
                 .ok_or(BtfError::BadHeader)
         };
-        let type_data = section(type_off, type_len)?;
-        let strings = section(str_off, str_len)?.to_vec();
+        let types = section(type_off, type_len)?;
+        let strings = section(str_off, str_len)?;
+        let starts = type_starts(&data[types.clone()])?;
         Ok(Self {
-            types: parse_types(type_data)?,
+            data,
+            types,
             strings,
+            starts,
         })
     }
 
+    fn type_data(&self) -> &[u8] {
+        &self.data[self.types.clone()]
+    }
+
     fn name(&self, offset: u32) -> &[u8] {
-        let tail = self.strings.get(offset as usize..).unwrap_or_default();
+        let strings = &self.data[self.strings.clone()];
+        let tail = strings.get(offset as usize..).unwrap_or_default();
         let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
         &tail[..end]
+    }
+
+    fn header(&self, index: usize) -> Option<Header> {
+        let pos = *self.starts.get(index)? as usize;
+        header_at(self.type_data(), pos)
+    }
+
+    /// `(name offset, type id, bit offset)` of a struct or union member.
+    fn member(&self, t: &Header, m: usize) -> Option<(u32, u32, u32)> {
+        let at = t.body + 12 * m;
+        let data = self.type_data();
+        let (name, type_id, offset) = (word(data, at)?, word(data, at + 4)?, word(data, at + 8)?);
+        // With kind_flag, the low 24 bits are the bit offset and the high 8
+        // the bitfield size.
+        let bit_offset = if t.kind_flag {
+            offset & 0x00ff_ffff
+        } else {
+            offset
+        };
+        Some((name, type_id, bit_offset))
     }
 
     /// Byte offset of `member` in `struct name`, looking through anonymous
     /// struct and union members (where `sk_buff` keeps many fields).
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
-        let id = self
-            .types
-            .iter()
-            .position(|t| t.kind == KIND_STRUCT && self.name(t.name) == name.as_bytes())
+        let id = (0..self.starts.len())
+            .find(|&i| {
+                self.header(i)
+                    .is_some_and(|t| t.kind == KIND_STRUCT && self.name(t.name) == name.as_bytes())
+            })
             .ok_or_else(|| BtfError::NoStruct(name.into()))?;
         self.find_member(id, member)
             .map(|bits| bits / 8)
@@ -112,8 +154,9 @@ impl Btf {
     }
 
     fn find_member(&self, index: usize, member: &str) -> Option<u32> {
-        let t = self.types.get(index)?;
-        for &(name, type_id, bit_offset) in &t.members {
+        let t = self.header(index)?;
+        for m in 0..t.vlen {
+            let (name, type_id, bit_offset) = self.member(&t, m)?;
             if self.name(name) == member.as_bytes() {
                 return Some(bit_offset);
             }
@@ -121,8 +164,7 @@ impl Btf {
             if name == 0 && type_id > 0 {
                 let inner = type_id as usize - 1;
                 let is_aggregate = self
-                    .types
-                    .get(inner)
+                    .header(inner)
                     .is_some_and(|t| matches!(t.kind, KIND_STRUCT | KIND_UNION));
                 if is_aggregate && let Some(off) = self.find_member(inner, member) {
                     return Some(bit_offset + off);
@@ -133,57 +175,46 @@ impl Btf {
     }
 }
 
-fn parse_types(data: &[u8]) -> Result<Vec<Type>, BtfError> {
-    let mut types = Vec::new();
+fn word(data: &[u8], at: usize) -> Option<u32> {
+    data.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn header_at(data: &[u8], pos: usize) -> Option<Header> {
+    let (name, info) = (word(data, pos)?, word(data, pos + 4)?);
+    Some(Header {
+        kind: (info >> 24) & 0x1f,
+        name,
+        vlen: (info & 0xffff) as usize,
+        kind_flag: info >> 31 == 1,
+        body: pos + 12,
+    })
+}
+
+/// Walks the type section once, checking each type's size, and returns
+/// where each type starts.
+fn type_starts(data: &[u8]) -> Result<Vec<u32>, BtfError> {
+    let mut starts = Vec::new();
     let mut pos = 0usize;
-    let word = |at: usize| -> Option<u32> {
-        data.get(at..at + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
     while pos < data.len() {
-        let id = u32::try_from(types.len() + 1).unwrap_or(u32::MAX);
-        let (name, info) = word(pos)
-            .zip(word(pos + 4))
-            .ok_or(BtfError::Truncated(id))?;
-        let kind = (info >> 24) & 0x1f;
-        let vlen = (info & 0xffff) as usize;
-        let kind_flag = info >> 31 == 1;
-        pos += 12;
+        let id = u32::try_from(starts.len() + 1).unwrap_or(u32::MAX);
+        let t = header_at(data, pos).ok_or(BtfError::Truncated(id))?;
         // Bytes that follow `struct btf_type` for each kind (btf.rst).
-        let extra = match kind {
+        let extra = match t.kind {
             1 | 14 | 17 => 4,                            // INT, VAR, DECL_TAG
             2 | 7 | 8 | 9 | 10 | 11 | 12 | 16 | 18 => 0, // PTR .. TYPE_TAG
             3 => 12,                                     // ARRAY
-            4 | 5 | 15 | 19 => 12 * vlen,                // STRUCT, UNION, DATASEC, ENUM64
-            6 | 13 => 8 * vlen,                          // ENUM, FUNC_PROTO
+            4 | 5 | 15 | 19 => 12 * t.vlen,              // STRUCT, UNION, DATASEC, ENUM64
+            6 | 13 => 8 * t.vlen,                        // ENUM, FUNC_PROTO
             other => return Err(BtfError::UnknownKind(other)),
         };
-        let mut members = Vec::new();
-        if matches!(kind, KIND_STRUCT | KIND_UNION) {
-            for m in 0..vlen {
-                let at = pos + 12 * m;
-                let (mname, mtype, moff) = word(at)
-                    .zip(word(at + 4))
-                    .zip(word(at + 8))
-                    .map(|((a, b), c)| (a, b, c))
-                    .ok_or(BtfError::Truncated(id))?;
-                // With kind_flag, the low 24 bits are the bit offset and the
-                // high 8 the bitfield size.
-                let bit_offset = if kind_flag { moff & 0x00ff_ffff } else { moff };
-                members.push((mname, mtype, bit_offset));
-            }
-        }
-        pos += extra;
+        starts.push(u32::try_from(pos).map_err(|_| BtfError::Truncated(id))?);
+        pos = t.body + extra;
         if pos > data.len() {
             return Err(BtfError::Truncated(id));
         }
-        types.push(Type {
-            kind,
-            name,
-            members,
-        });
     }
-    Ok(types)
+    Ok(starts)
 }
 
 #[cfg(test)]
@@ -234,9 +265,12 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(Btf::parse(b"not btf"), Err(BtfError::BadHeader)));
         assert!(matches!(
-            Btf::parse(&[0x9f, 0xeb, 1, 0]),
+            Btf::parse(b"not btf".to_vec()),
+            Err(BtfError::BadHeader)
+        ));
+        assert!(matches!(
+            Btf::parse(vec![0x9f, 0xeb, 1, 0]),
             Err(BtfError::BadHeader)
         ));
     }

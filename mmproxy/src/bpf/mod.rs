@@ -1,6 +1,6 @@
 //! The BPF loader: loads the embedded object built by `cargo xtask
 //! build-ebpf`, fills in the kernel offsets from BTF, attaches the verdict
-//! program to the sources sockhash, and gives typed access to the maps.
+//! program to the socket map, and gives typed access to the maps.
 
 pub mod btf;
 
@@ -13,13 +13,13 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::SkSkb,
 };
 use mmproxy_common::sockmap::{
-    COUNTERS_MAP, Counter, KernelOffsets, OFFSETS_MAP, SOURCES_MAP, STATES_MAP, SocketState,
-    TARGETS_MAP, USER_READ_MAP, VERDICT_PROGRAM,
+    CONTROLS_MAP, COUNTERS_MAP, Counter, FlowControl, KernelOffsets, OFFSETS_MAP, SIGNALS_MAP,
+    SOCKETS_MAP, STATES_MAP, SocketState, VERDICT_PROGRAM,
 };
 
 /// The object `cargo xtask build-ebpf` built (path set by build.rs).
@@ -42,14 +42,17 @@ pub enum LoadError {
     Btf(#[source] btf::BtfError),
 }
 
-/// The loaded programs and maps. Dropping it detaches everything.
+/// The loaded program and its maps. Dropping it detaches everything.
 pub struct Datapath {
     /// Keeps the program attached.
-    _ebpf: Ebpf,
+    _ebpf: aya::Ebpf,
     maps: Mutex<Maps>,
     counters: PerCpuArray<MapData, u64>,
-    /// Directions handed back to userspace because their backlog grew.
-    handovers: AtomicU64,
+    /// Taken once by the forwarder's watcher.
+    signals: Mutex<Option<RingBuf<MapData>>>,
+    /// Times a direction was switched to PASS because its backlog grew
+    /// (or its reader fell behind), summed over connections.
+    pass_episodes: AtomicU64,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -59,46 +62,33 @@ impl std::fmt::Debug for Datapath {
 }
 
 struct Maps {
-    sources: SockHash<MapData, u64>,
-    targets: SockHash<MapData, u64>,
+    sockets: SockHash<MapData, u64>,
     states: HashMap<MapData, u64, SocketState>,
-    user_read: HashMap<MapData, u64, u64>,
+    controls: HashMap<MapData, u64, FlowControl>,
 }
 
 impl Datapath {
     pub fn load() -> Result<Self, LoadError> {
-        let btf = btf::Btf::from_kernel().map_err(LoadError::Btf)?;
-        let cb = btf.member_offset("sk_buff", "cb").map_err(LoadError::Btf)?;
-        let seq = btf
-            .member_offset("tcp_skb_cb", "seq")
-            .map_err(LoadError::Btf)?;
-        let end_seq = btf
-            .member_offset("tcp_skb_cb", "end_seq")
-            .map_err(LoadError::Btf)?;
-
-        let mut ebpf = Ebpf::load(OBJECT).map_err(LoadError::Object)?;
-        let sources: SockHash<MapData, u64> = take(&mut ebpf, SOURCES_MAP)?;
-        let targets: SockHash<MapData, u64> = take(&mut ebpf, TARGETS_MAP)?;
+        let offsets = skb_offsets()?;
+        // The program needs no CO-RE relocations (its kernel offsets come
+        // through OFFSETS): no BTF relocation pass.
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(OBJECT)
+            .map_err(LoadError::Object)?;
+        let sockets: SockHash<MapData, u64> = take(&mut ebpf, SOCKETS_MAP)?;
         let states: HashMap<MapData, u64, SocketState> = take(&mut ebpf, STATES_MAP)?;
-        let user_read: HashMap<MapData, u64, u64> = take(&mut ebpf, USER_READ_MAP)?;
+        let controls: HashMap<MapData, u64, FlowControl> = take(&mut ebpf, CONTROLS_MAP)?;
+        let signals: RingBuf<MapData> = take(&mut ebpf, SIGNALS_MAP)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, COUNTERS_MAP)?;
-        let mut offsets: Array<MapData, KernelOffsets> = take(&mut ebpf, OFFSETS_MAP)?;
-        offsets
-            .set(
-                0,
-                KernelOffsets {
-                    skb_seq: cb + seq,
-                    skb_end_seq: cb + end_seq,
-                    valid: 1,
-                    padding: 0,
-                },
-                0,
-            )
+        let mut offsets_map: Array<MapData, KernelOffsets> = take(&mut ebpf, OFFSETS_MAP)?;
+        offsets_map
+            .set(0, offsets, 0)
             .map_err(|e| LoadError::Map(OFFSETS_MAP, e))?;
-        let map_fd = sources
+        let map_fd = sockets
             .fd()
             .try_clone()
-            .map_err(|e| LoadError::Map(SOURCES_MAP, e.into()))?;
+            .map_err(|e| LoadError::Map(SOCKETS_MAP, e.into()))?;
         let program: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROGRAM)
             .ok_or(LoadError::MissingProgram)?
@@ -106,77 +96,44 @@ impl Datapath {
             .map_err(LoadError::Program)?;
         program.load().map_err(LoadError::Program)?;
         program.attach(&map_fd).map_err(LoadError::Program)?;
+        drop(map_fd);
+        release_freed_heap();
         Ok(Self {
             _ebpf: ebpf,
             maps: Mutex::new(Maps {
-                sources,
-                targets,
+                sockets,
                 states,
-                user_read,
+                controls,
             }),
             counters,
-            handovers: AtomicU64::new(0),
+            signals: Mutex::new(Some(signals)),
+            pass_episodes: AtomicU64::new(0),
         })
     }
 
-    /// Splices two sockets: each one's skbs go out of the other. States go
-    /// in first, then both sockets as redirect targets, then both as
-    /// sources (upstream first): when the verdict first runs on either
-    /// socket its peer can already take the redirect, so no skb of the
-    /// arming window is passed. `gap` widens the moment between the two
-    /// source inserts (fault injection for tests, `MMPROXY_FAULT_ARM_GAP_MS`).
-    pub async fn arm(
+    /// Arms two sockets in PASS mode: states and controls go in first,
+    /// then the sockets (upstream first). Whatever arrives from here on is
+    /// passed to its own socket until userspace switches a direction to
+    /// REDIRECT, so no skb can meet a peer that is not in the map yet.
+    /// On error, the caller must treat any socket that went in as armed:
+    /// it leaves the map only when closed.
+    pub fn arm(
         &self,
         client: (&impl AsRawFd, u64),
         upstream: (&impl AsRawFd, u64),
-        gap: Option<std::time::Duration>,
     ) -> Result<(), aya::maps::MapError> {
         let state = |peer| SocketState {
             peer_cookie: peer,
             ..SocketState::default()
         };
-        {
-            let mut maps = self.lock();
-            maps.states.insert(client.1, state(upstream.1), 0)?;
-            maps.states.insert(upstream.1, state(client.1), 0)?;
-            maps.targets.insert(upstream.1, upstream.0.as_raw_fd(), 0)?;
-            maps.targets.insert(client.1, client.0.as_raw_fd(), 0)?;
-            maps.sources.insert(upstream.1, upstream.0.as_raw_fd(), 0)?;
-        }
-        if let Some(gap) = gap {
-            tokio::time::sleep(gap).await;
-        }
-        self.lock()
-            .sources
-            .insert(client.1, client.0.as_raw_fd(), 0)
-    }
-
-    /// Stops the verdict on one socket: what arrives there stays on its
-    /// receive queue (TCP flow control applies again) for userspace to
-    /// forward. The socket stays a redirect target, so skbs already queued
-    /// to be sent out of it, and its peer's redirects, are unaffected.
-    /// A verdict already running on another CPU may still finish; taking
-    /// the socket lock afterwards (any `setsockopt`) waits for it.
-    pub fn stop_verdict(&self, cookie: u64) -> Result<(), aya::maps::MapError> {
-        self.lock().sources.remove(&cookie)?;
-        self.handovers.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Directions handed back to userspace since start.
-    pub fn handovers(&self) -> u64 {
-        self.handovers.load(Ordering::Relaxed)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
-        self.maps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Bytes the verdict redirected from the socket with this cookie.
-    pub fn redirected(&self, cookie: u64) -> u64 {
-        self.state(cookie).bytes
+        let mut maps = self.lock();
+        maps.states.insert(client.1, state(upstream.1), 0)?;
+        maps.states.insert(upstream.1, state(client.1), 0)?;
+        maps.controls.insert(client.1, FlowControl::default(), 0)?;
+        maps.controls
+            .insert(upstream.1, FlowControl::default(), 0)?;
+        maps.sockets.insert(upstream.1, upstream.0.as_raw_fd(), 0)?;
+        maps.sockets.insert(client.1, client.0.as_raw_fd(), 0)
     }
 
     /// The verdict's state for the socket with this cookie.
@@ -184,26 +141,51 @@ impl Datapath {
         self.lock().states.get(&cookie, 0).unwrap_or_default()
     }
 
-    /// Removes a connection's sockets and states.
-    pub fn disarm(&self, cookies: [u64; 2]) {
+    /// Replaces what the verdict may do with this socket's skbs. The
+    /// verdict sees the new value on the next skb; one already running
+    /// on another CPU may still use the old one (take the socket lock to
+    /// wait for it).
+    pub fn set_control(
+        &self,
+        cookie: u64,
+        control: &FlowControl,
+    ) -> Result<(), aya::maps::MapError> {
+        self.lock().controls.insert(cookie, control, 0)
+    }
+
+    /// Forgets a connection's states and controls. Call after closing
+    /// both sockets (closing is what takes them out of the socket map).
+    pub fn forget(&self, cookies: [u64; 2]) {
         let mut maps = self.lock();
-        // Verdicts stop first; then nothing can be redirected to a socket
-        // that is leaving the targets.
         for cookie in cookies {
-            let _ = maps.sources.remove(&cookie);
-        }
-        for cookie in cookies {
-            let _ = maps.targets.remove(&cookie);
             let _ = maps.states.remove(&cookie);
-            let _ = maps.user_read.remove(&cookie);
+            let _ = maps.controls.remove(&cookie);
         }
     }
 
-    /// Records that userspace has read and forwarded `bytes` passed bytes
-    /// of this socket in total; the verdict resumes redirecting once this
-    /// catches up with what it passed.
-    pub fn set_user_read(&self, cookie: u64, bytes: u64) -> Result<(), aya::maps::MapError> {
-        self.lock().user_read.insert(cookie, bytes, 0)
+    /// The ring buffer the verdict signals through; `None` after the first
+    /// call (one watcher reads it).
+    pub fn take_signals(&self) -> Option<RingBuf<MapData>> {
+        self.signals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Counts a direction switched to PASS.
+    pub fn count_pass_episode(&self) {
+        self.pass_episodes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Directions switched to PASS since start.
+    pub fn pass_episodes(&self) -> u64 {
+        self.pass_episodes.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sum over CPUs of one counter.
@@ -214,7 +196,37 @@ impl Datapath {
     }
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+/// Gives the heap the loader used back to the kernel. `EbpfLoader::new()`
+/// (aya 0.14, bpf.rs) parses the kernel's BTF even when `.btf(None)`
+/// follows: about 20 MiB, freed at once, but kept in glibc's heap (22 MiB
+/// resident at idle against plain mode's 6 MiB, measured) unless trimmed.
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Where `TCP_SKB_CB(skb)->seq` and `->end_seq` live in this kernel.
+fn skb_offsets() -> Result<KernelOffsets, LoadError> {
+    let btf = btf::Btf::from_kernel().map_err(LoadError::Btf)?;
+    let cb = btf.member_offset("sk_buff", "cb").map_err(LoadError::Btf)?;
+    let seq = btf
+        .member_offset("tcp_skb_cb", "seq")
+        .map_err(LoadError::Btf)?;
+    let end_seq = btf
+        .member_offset("tcp_skb_cb", "end_seq")
+        .map_err(LoadError::Btf)?;
+    Ok(KernelOffsets {
+        skb_seq: cb + seq,
+        skb_end_seq: cb + end_seq,
+        valid: 1,
+        padding: 0,
+    })
+}
+
+fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, LoadError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

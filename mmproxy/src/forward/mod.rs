@@ -3,7 +3,8 @@
 //! Two data paths share one interface, [`Forwarder::forward`]:
 //! - [`splice`]: userspace moves bytes with zero-copy `splice(2)` through
 //!   pooled pipes (a buffer copy when no pipe can be had);
-//! - [`sockmap`]: the kernel redirects each skb to the peer socket (BPF).
+//! - [`sockmap`]: the kernel redirects each skb to the peer socket (BPF),
+//!   or passes it to userspace while the peer is backlogged.
 //!
 //! Both keep the same contract: bytes that arrived with the PROXY header
 //! go first; a FIN is propagated as a half-close (`shutdown(SHUT_WR)`) and
@@ -14,7 +15,11 @@
 pub mod sockmap;
 pub mod splice;
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use socket2::SockRef;
@@ -67,6 +72,35 @@ impl Forwarder {
         }
     }
 
+    /// As [`Forwarder::forward`], until `abort` is cancelled (the drain
+    /// timeout expired): then both peers get a reset, never a clean FIN
+    /// with bytes missing.
+    pub async fn forward_until(
+        &self,
+        conn: Connection,
+        abort: &tokio_util::sync::CancellationToken,
+    ) -> Result<Transferred, ForwardError> {
+        let fds = [conn.client.as_raw_fd(), conn.upstream.as_raw_fd()];
+        let forwarding = self.forward(conn);
+        tokio::pin!(forwarding);
+        tokio::select! {
+            result = &mut forwarding => result,
+            () = abort.cancelled() => {
+                for fd in fds {
+                    // SAFETY: `forwarding` owns both sockets and is alive
+                    // until this function returns, so the descriptors are
+                    // open and still refer to them.
+                    reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
+                }
+                Err(ForwardError {
+                    side: Side::Internal,
+                    source: io::Error::other("drain timeout expired; connection reset"),
+                    transferred: Transferred::default(),
+                })
+            }
+        }
+    }
+
     /// `plain` or `ebpf`, for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
@@ -78,12 +112,12 @@ impl Forwarder {
 
 /// Makes the kernel answer with RST when `stream` is closed: what a peer
 /// that failed must look like to the other end.
-pub fn reset_on_close(stream: &TcpStream) {
+pub fn reset_on_close(stream: &impl AsFd) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Resets the socket opposite to the one that failed.
-pub(crate) fn mirror_failure(failed: Side, client: &TcpStream, upstream: &TcpStream) {
+pub(crate) fn mirror_failure(failed: Side, client: &impl AsFd, upstream: &impl AsFd) {
     match failed {
         Side::Client => reset_on_close(upstream),
         Side::Upstream => reset_on_close(client),

@@ -32,11 +32,22 @@ const MAX_IDLE_PIPES: usize = 1024;
 #[derive(Debug, Default)]
 pub struct SpliceForwarder {
     pool: PipePool,
+    /// Copy through a buffer, never splice: for sockets in a BPF
+    /// sockmap, whose passed bytes `splice()` would not see.
+    copy_only: bool,
 }
 
 impl SpliceForwarder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A forwarder that reads with `recv()` only.
+    pub fn copying() -> Self {
+        Self {
+            pool: PipePool::default(),
+            copy_only: true,
+        }
     }
 
     pub(super) async fn forward(&self, conn: Connection) -> Result<Transferred, ForwardError> {
@@ -78,16 +89,20 @@ impl SpliceForwarder {
         }
     }
 
-    /// Moves `src` to `dst` until EOF, then half-closes `dst`. Also used by
-    /// the sockmap forwarder for a direction it hands back to userspace.
-    pub(super) async fn direction(
+    /// Moves `src` to `dst` until EOF, then half-closes `dst`.
+    async fn direction(
         &self,
         src: &TcpStream,
         dst: &TcpStream,
         src_side: Side,
         dst_side: Side,
     ) -> DirectionResult {
-        let moved = match self.pool.take() {
+        let pipe = if self.copy_only {
+            Err(io::ErrorKind::Unsupported.into())
+        } else {
+            self.pool.take()
+        };
+        let moved = match pipe {
             Ok(pipe) => {
                 let result = splice_until_eof(src, dst, &pipe, src_side, dst_side).await;
                 // A pipe is only reusable when empty, i.e. after a clean EOF.
