@@ -3,6 +3,7 @@
 //! per data path (`plain::`, and `ebpf::` when that mode is available), so
 //! both modes are held to the same contract.
 
+#[macro_use]
 mod support;
 
 use std::{
@@ -45,18 +46,6 @@ fn start(ns: &Netns, mode: &'static str, extra: &[&str]) -> Daemon {
     let mut args = base_args(mode);
     args.extend_from_slice(extra);
     Daemon::start(ns, &args)
-}
-
-/// Declares `$name` once per data path.
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod plain {
-            $(#[test] fn $name() { super::$name("plain") })*
-        }
-        mod ebpf {
-            $(#[test] fn $name() { super::$name("ebpf") })*
-        }
-    };
 }
 
 both_modes!(

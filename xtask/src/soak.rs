@@ -1,6 +1,6 @@
 //! `cargo xtask soak`: the in-kernel data path's correctness soak, deeper
-//! than the 20 runs `cargo xtask test` does and strict: resets and stalls
-//! fail it too, and the known-defect tests (`#[ignore]`d in CI) run.
+//! than what `cargo xtask test` runs (20 x 1 GiB, 40 flip runs). Strict
+//! like the CI soak: any reset, stall or wrong byte fails it.
 
 use anyhow::{Context as _, Result};
 
@@ -14,6 +14,10 @@ pub(crate) struct Options {
     /// Full-duplex 1 GiB echo runs.
     #[arg(long, default_value_t = 100)]
     runs: u32,
+    /// Full-duplex 64 MiB runs with a 16 KiB backlog limit (each flips
+    /// between REDIRECT and PASS several times).
+    #[arg(long, default_value_t = 200)]
+    flip_runs: u32,
 }
 
 pub(crate) fn soak(opts: &Options) -> Result<()> {
@@ -33,7 +37,7 @@ pub(crate) fn soak(opts: &Options) -> Result<()> {
             ])
             .args(["--include-ignored", "--nocapture", "--test-threads", "1"])
             .env("MMPROXY_SOAK_RUNS", opts.runs.to_string())
-            .env("MMPROXY_SOAK_STRICT", "1"),
+            .env("MMPROXY_SOAK_FLIP_RUNS", opts.flip_runs.to_string()),
     )
     .context("the soak found failures (see above)")
 }

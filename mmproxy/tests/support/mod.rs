@@ -14,6 +14,23 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+/// Declares each test function `$name(mode)` once per data path, as
+/// `plain::$name` and `ebpf::$name`, so both are held to one contract.
+#[allow(
+    unused_macros,
+    reason = "only the suites that run in both modes use it"
+)]
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod plain {
+            $(#[test] fn $name() { super::$name("plain") })*
+        }
+        mod ebpf {
+            $(#[test] fn $name() { super::$name("ebpf") })*
+        }
+    };
+}
+
 use std::{
     fs::File,
     io::{BufRead as _, BufReader},
@@ -459,6 +476,24 @@ pub struct Backend {
     peers: Arc<Mutex<Vec<SocketAddr>>>,
     /// How each connection ended: `None` for EOF, else the read error.
     ends: Arc<Mutex<Vec<Option<std::io::ErrorKind>>>>,
+    /// Bytes `Source` connections wrote and read, summed.
+    progress: Arc<Progress>,
+}
+
+/// What `BackendKind::Source` connections have done so far.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub written: std::sync::atomic::AtomicU64,
+    pub read: std::sync::atomic::AtomicU64,
+}
+
+/// How a `BackendKind::Source` connection ends after its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceEnd {
+    /// Reset the connection (SO_LINGER 0) as soon as the bytes are written.
+    Reset,
+    /// Half-close, then read what the client sends until its FIN.
+    HalfClose,
 }
 
 /// What a backend does with each connection.
@@ -476,6 +511,9 @@ pub enum BackendKind {
     /// On the first byte, wait `delay`, send `bytes` of the stream seeded
     /// by the client's port, then close: a reply that races the arming.
     Burst { bytes: usize, delay: Duration },
+    /// At once, send `mib` MiB of the 1 MiB pattern seeded by the client's
+    /// port, repeated, then end as told.
+    Source { mib: u32, end: SourceEnd },
 }
 
 pub const GREETING: &[u8] = b"220 backend ready\r\n";
@@ -486,7 +524,8 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let peers = Arc::new(Mutex::new(Vec::new()));
         let ends = Arc::new(Mutex::new(Vec::new()));
-        let (seen, ended) = (peers.clone(), ends.clone());
+        let progress = Arc::new(Progress::default());
+        let (seen, ended, counted) = (peers.clone(), ends.clone(), progress.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
@@ -494,13 +533,29 @@ impl Backend {
                 };
                 seen.lock().unwrap().push(peer);
                 let ended = ended.clone();
+                let counted = counted.clone();
                 tokio::spawn(async move {
-                    let end = serve(stream, kind).await;
+                    let end = match kind {
+                        BackendKind::Source { mib, end } => {
+                            source(stream, mib, end, &counted).await
+                        }
+                        _ => serve(stream, kind).await,
+                    };
                     ended.lock().unwrap().push(end);
                 });
             }
         });
-        Self { addr, peers, ends }
+        Self {
+            addr,
+            peers,
+            ends,
+            progress,
+        }
+    }
+
+    /// Bytes written and read by `Source` connections so far.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     /// How the finished connections ended.
@@ -542,6 +597,7 @@ async fn serve(mut stream: TcpStream, kind: BackendKind) -> Option<std::io::Erro
             }
         }
         BackendKind::Echo => {}
+        BackendKind::Source { .. } => unreachable!("served by source()"),
         BackendKind::Sink { slow_for } => return sink(stream, slow_for).await,
         BackendKind::Burst { bytes, delay } => {
             let mut first = [0u8; 1];
@@ -688,6 +744,10 @@ pub struct EchoOutcome {
     /// half touches the socket first: when the sender takes the error
     /// (ECONNRESET), the reader then sees a plain end of stream.
     pub send_error: Option<std::io::ErrorKind>,
+    /// Where the echo first differed from what was sent, and where in the
+    /// sent 1 MiB pattern the bytes found there come from (None: nowhere),
+    /// which tells a gap or a repeat from garbage.
+    pub first_mismatch: Option<(u64, Option<u64>)>,
 }
 
 impl EchoOutcome {
@@ -707,10 +767,27 @@ impl EchoOutcome {
 /// backend while reading the echo, half-closes, and reports what came
 /// back and how the connection ended.
 pub async fn echo_verified(proxy: SocketAddr, client: SocketAddr, total: u64) -> EchoOutcome {
+    echo_verified_with_pauses(proxy, client, total, None).await
+}
+
+/// As [`echo_verified`]; with `pauses`, the sender and the reader each
+/// stop for the given time after every given number of bytes, so that a
+/// backlogged proxy drains and switches paths again and again.
+pub async fn echo_verified_with_pauses(
+    proxy: SocketAddr,
+    client: SocketAddr,
+    total: u64,
+    pauses: Option<(u64, Duration)>,
+) -> EchoOutcome {
     use sha2::{Digest as _, Sha256};
+    let pause_after = move |before: u64, after: u64| {
+        pauses.and_then(|(every, pause)| (before / every != after / every).then_some(pause))
+    };
     let s = connect_with_header(proxy, &header::v2(client, proxy)).await;
     let (mut reader, mut writer) = s.into_split();
     let chunk = pattern_chunk(client.port().into(), 1 << 20);
+    let reference = chunk.clone();
+    let mut first_mismatch = None;
     let mut expected = Sha256::new();
     let mut left = total;
     while left > 0 {
@@ -724,6 +801,9 @@ pub async fn echo_verified(proxy: SocketAddr, client: SocketAddr, total: u64) ->
             let n = usize::try_from((total - sent).min(chunk.len() as u64)).unwrap();
             if let Err(e) = writer.write_all(&chunk[..n]).await {
                 return Some(e.kind());
+            }
+            if let Some(pause) = pause_after(sent, sent + n as u64) {
+                tokio::time::sleep(pause).await;
             }
             sent += n as u64;
         }
@@ -739,6 +819,12 @@ pub async fn echo_verified(proxy: SocketAddr, client: SocketAddr, total: u64) ->
             Ok(Ok(0)) => break EchoEnd::Eof,
             Ok(Ok(n)) => {
                 h.update(&buf[..n]);
+                if first_mismatch.is_none() {
+                    first_mismatch = find_mismatch(&reference, received, &buf[..n]);
+                }
+                if let Some(pause) = pause_after(received, received + n as u64) {
+                    tokio::time::sleep(pause).await;
+                }
                 received += n as u64;
             }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => break EchoEnd::Reset,
@@ -756,6 +842,63 @@ pub async fn echo_verified(proxy: SocketAddr, client: SocketAddr, total: u64) ->
         received_sha256: h.finalize().into(),
         end,
         send_error,
+        first_mismatch,
+    }
+}
+
+/// Compares `got`, found at stream offset `at`, with the repeating
+/// `pattern`; on a difference returns its offset and where the next
+/// 64 bytes received occur in the pattern.
+fn find_mismatch(pattern: &[u8], at: u64, got: &[u8]) -> Option<(u64, Option<u64>)> {
+    let len = pattern.len() as u64;
+    let i = got
+        .iter()
+        .enumerate()
+        .position(|(i, b)| pattern[usize::try_from((at + i as u64) % len).unwrap()] != *b)?;
+    let probe = &got[i..got.len().min(i + 64)];
+    let source = pattern
+        .windows(probe.len())
+        .position(|w| w == probe)
+        .map(|p| p as u64);
+    Some((at + i as u64, source))
+}
+
+async fn source(
+    mut stream: TcpStream,
+    mib: u32,
+    end: SourceEnd,
+    progress: &Progress,
+) -> Option<std::io::ErrorKind> {
+    let port = stream.peer_addr().map_or(0, |a| a.port());
+    let chunk = pattern_chunk(port.into(), 1 << 20);
+    for _ in 0..mib {
+        if let Err(e) = stream.write_all(&chunk).await {
+            return Some(e.kind());
+        }
+        progress
+            .written
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    match end {
+        SourceEnd::Reset => {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            None
+        }
+        SourceEnd::HalfClose => {
+            if let Err(e) = stream.shutdown().await {
+                return Some(e.kind());
+            }
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) => return None,
+                    Ok(n) => {
+                        progress.read.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => return Some(e.kind()),
+                }
+            }
+        }
     }
 }
 
