@@ -309,6 +309,9 @@ fn run_cell(
         &seconds_arg,
     ];
     args.extend(workload.args());
+    if let Some(proc) = &proc {
+        proc.reset_peak_rss();
+    }
     let before = busy_cpu_seconds()?;
     let out = output(ns.command(&bin.load).args(&args))?;
     let cpu_seconds = busy_cpu_seconds()? - before;
@@ -472,7 +475,15 @@ impl SubjectProcess {
         }
     }
 
-    /// `VmHWM`: the most memory the process ever had resident.
+    /// Resets `VmHWM` to the current resident set (`clear_refs` 5, Linux
+    /// 4.0+), so the peak read after the load is the peak under this load,
+    /// not a start-up spike (ebpf mode's BPF loader parses the kernel's
+    /// BTF once: about 20 MiB for a moment, docs/ebpf-datapath.md).
+    fn reset_peak_rss(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
+    }
+
+    /// `VmHWM`: the most memory the process had resident since the reset.
     fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
         status

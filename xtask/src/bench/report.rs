@@ -130,7 +130,8 @@ fn header(md: &mut String, command: &str, chart: &Path) -> Result<()> {
          cell is repeated; the table gives the median and (min-max). Ratios are between \
          medians of this one run. CPU s/GB is the whole machine's busy time (user, system, \
          softirq; from /proc/stat) per GB moved through the subject, generator and backend \
-         included, so in-kernel forwarding is counted. Peak RSS is the subject's VmHWM. On \
+         included, so in-kernel forwarding is counted. Peak RSS is the subject's VmHWM during \
+         the load (reset just before it, so start-up is not counted). On \
          2 cores the generator, the backend and the proxy share the CPUs: a proxy that \
          costs more CPU leaves less to the generator, which is part of what is measured.\n"
     )?;
