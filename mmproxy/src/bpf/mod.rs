@@ -111,16 +111,18 @@ impl Datapath {
         })
     }
 
-    /// Arms two sockets in PASS mode: states and controls go in first,
-    /// then the sockets (upstream first). Whatever arrives from here on is
-    /// passed to its own socket until userspace switches a direction to
-    /// REDIRECT, so no skb can meet a peer that is not in the map yet.
-    /// On error, the caller must treat any socket that went in as armed:
-    /// it leaves the map only when closed.
+    /// Arms two sockets with `control` for both: states and controls go
+    /// in first, then the sockets, client first. A redirect that finds its
+    /// peer not in the map yet is passed instead (lossless, and signalled
+    /// when `control` is REDIRECT); with the client first, only client
+    /// bytes sent in the moment between the two inserts can meet that, not
+    /// the backend's reply. On error, the caller must treat any socket
+    /// that went in as armed: it leaves the map only when closed.
     pub fn arm(
         &self,
         client: (&impl AsRawFd, u64),
         upstream: (&impl AsRawFd, u64),
+        control: &FlowControl,
     ) -> Result<(), aya::maps::MapError> {
         let state = |peer| SocketState {
             peer_cookie: peer,
@@ -129,11 +131,10 @@ impl Datapath {
         let mut maps = self.lock();
         maps.states.insert(client.1, state(upstream.1), 0)?;
         maps.states.insert(upstream.1, state(client.1), 0)?;
-        maps.controls.insert(client.1, FlowControl::default(), 0)?;
-        maps.controls
-            .insert(upstream.1, FlowControl::default(), 0)?;
-        maps.sockets.insert(upstream.1, upstream.0.as_raw_fd(), 0)?;
-        maps.sockets.insert(client.1, client.0.as_raw_fd(), 0)
+        maps.controls.insert(client.1, control, 0)?;
+        maps.controls.insert(upstream.1, control, 0)?;
+        maps.sockets.insert(client.1, client.0.as_raw_fd(), 0)?;
+        maps.sockets.insert(upstream.1, upstream.0.as_raw_fd(), 0)
     }
 
     /// The verdict's state for the socket with this cookie.

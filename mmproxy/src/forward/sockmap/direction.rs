@@ -66,11 +66,6 @@ impl<'a> Direction<'a> {
     /// Runs until the source's FIN has been forwarded, or a failure.
     /// Returns the bytes delivered to the destination.
     pub(super) async fn run(mut self) -> Result<u64, SockmapError> {
-        // Armed in PASS mode: the first switch to REDIRECT is an episode's
-        // ending like any other.
-        if self.forward_passed().await? == Flow::Eof {
-            return self.finish().await;
-        }
         let mut watchdog = Watchdog::new();
         let mut tick = TICK_BUSY;
         loop {

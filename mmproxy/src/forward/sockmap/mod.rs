@@ -7,10 +7,11 @@
 //! A connection's life, file by file:
 //! 1. here: bytes already readable are forwarded by hand (so no skb is
 //!    left half-read: the verdict would send it whole again), both sockets
-//!    leave tokio's reactor for the [`watcher`], and are armed in PASS
-//!    mode (`Datapath::arm`), which no arming race can break;
-//! 2. [`pass`]: each direction switches to REDIRECT once userspace has
-//!    forwarded what was passed meanwhile;
+//!    leave tokio's reactor for the [`watcher`], and are armed
+//!    (`Datapath::arm`) in REDIRECT mode, client first: a redirect that
+//!    meets a peer not yet armed is passed and signalled, never lost;
+//! 2. [`pass`]: passed bytes are forwarded by userspace, and the direction
+//!    switches back to REDIRECT once it has caught up;
 //! 3. [`direction`]: while redirected, a signal from the verdict at half
 //!    the allowed backlog lets userspace measure the destination's
 //!    backlog ([`books`]) and move the verdict's limit on, or switch the
@@ -47,7 +48,7 @@ use super::{
     write_all,
 };
 use crate::{bpf::Datapath, error::Side, sockopt};
-use mmproxy_common::sockmap::Counter;
+use mmproxy_common::sockmap::{Counter, SocketState};
 
 /// Read size for the bytes forwarded by hand before arming.
 const PREARM_READ_BYTES: usize = 64 * 1024;
@@ -215,9 +216,12 @@ impl SockmapForwarder {
                 });
             }
         };
+        // Both directions start redirected, with the whole allowance.
+        let start = Books::new(0, 0).redirect(&SocketState::default(), self.shared.max_backlog);
         if let Err(e) = self.shared.datapath.arm(
             (&client.stream, client.cookie),
             (&upstream.stream, upstream.cookie),
+            &start,
         ) {
             tracing::debug!(error = %e, "sockmap: cannot arm; forwarding by copy");
             let cookies = [client.cookie, upstream.cookie];
@@ -238,12 +242,16 @@ impl SockmapForwarder {
         let _ = upstream.sync_with_verdict();
 
         let shared = &*self.shared;
+        let books = |read, written| Books {
+            control: start,
+            ..Books::new(read, written)
+        };
         let up = Direction::new(
             shared,
             &watcher,
             &client,
             &upstream,
-            Books::new(client_io.read, upstream_io.written),
+            books(client_io.read, upstream_io.written),
         )
         .run();
         let down = Direction::new(
@@ -251,39 +259,19 @@ impl SockmapForwarder {
             &watcher,
             &upstream,
             &client,
-            Books::new(upstream_io.read, client_io.written),
+            books(upstream_io.read, client_io.written),
         )
         .run();
         let result = until_both_end(async { up.await.map_err(log_failure) }, async {
             down.await.map_err(log_failure)
         })
         .await;
-        let outcome = match result {
-            Ok((up, down)) => Ok(Transferred {
-                client_to_upstream: up,
-                upstream_to_client: down,
-            }),
-            Err((side, source, finished)) => {
-                mirror_failure(side, &client.stream, &upstream.stream);
-                Err(ForwardError {
-                    side,
-                    source,
-                    transferred: Transferred {
-                        client_to_upstream: moved
-                            .client_to_upstream
-                            .max(finished.client_to_upstream),
-                        upstream_to_client: moved
-                            .upstream_to_client
-                            .max(finished.upstream_to_client),
-                    },
-                })
-            }
-        };
+        let outcome = outcome(result, &client, &upstream, moved);
         let cookies = [client.cookie, upstream.cookie];
         for leg in [client, upstream] {
-            watcher.unregister(leg.stream.as_fd(), leg.cookie);
-            // Closing is what takes the socket out of the map, under the
-            // socket lock (`sock_map_close`).
+            watcher.forget(leg.cookie);
+            // Closing takes the socket out of the map, under the socket
+            // lock (`sock_map_close`), and out of the epoll set.
             drop(leg);
         }
         self.shared.datapath.forget(cookies);
@@ -315,6 +303,35 @@ impl SockmapForwarder {
                 e.transferred.upstream_to_client += moved.upstream_to_client;
                 Err(e)
             }
+        }
+    }
+}
+
+/// What the two directions' result means for the connection; on failure
+/// the side opposite the failure (or both) is reset. A finished
+/// direction's total includes what was written before arming; an
+/// unfinished one's is at least that.
+fn outcome(
+    result: Result<(u64, u64), (Side, io::Error, Transferred)>,
+    client: &Leg,
+    upstream: &Leg,
+    moved: Transferred,
+) -> Result<Transferred, ForwardError> {
+    match result {
+        Ok((up, down)) => Ok(Transferred {
+            client_to_upstream: up,
+            upstream_to_client: down,
+        }),
+        Err((side, source, finished)) => {
+            mirror_failure(side, &client.stream, &upstream.stream);
+            Err(ForwardError {
+                side,
+                source,
+                transferred: Transferred {
+                    client_to_upstream: moved.client_to_upstream.max(finished.client_to_upstream),
+                    upstream_to_client: moved.upstream_to_client.max(finished.upstream_to_client),
+                },
+            })
         }
     }
 }

@@ -131,10 +131,16 @@ impl Watcher {
         Ok(())
     }
 
-    /// Forgets a socket. Closing its descriptor removes it from the epoll
-    /// set; this drops the bookkeeping.
+    /// Takes a socket out of the epoll set and forgets it, for a socket
+    /// that stays open.
     pub(super) fn unregister(&self, fd: BorrowedFd<'_>, cookie: u64) {
         let _ = epoll::delete(self.epoll.get_ref(), fd);
+        self.forget(cookie);
+    }
+
+    /// Forgets a socket about to be closed (closing its last descriptor
+    /// takes it out of the epoll set).
+    pub(super) fn forget(&self, cookie: u64) {
         self.lock().remove(&cookie);
     }
 
