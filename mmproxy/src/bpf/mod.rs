@@ -28,6 +28,11 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MMPROXY_BPF_OBJECT"));
 /// Why the in-kernel data path is unavailable.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    #[error(
+        "this binary was built without its BPF programs: run `cargo xtask build-ebpf`, then \
+         build again"
+    )]
+    NotBuilt,
     #[error("cannot load the BPF object (needs CAP_BPF and CAP_NET_ADMIN, Linux 6.6+)")]
     Object(#[source] aya::EbpfError),
     #[error("the BPF object lacks map {0}")]
@@ -69,6 +74,7 @@ struct Maps {
 
 impl Datapath {
     pub fn load() -> Result<Self, LoadError> {
+        embedded_object(OBJECT)?;
         let offsets = skb_offsets()?;
         // The program needs no CO-RE relocations (its kernel offsets come
         // through OFFSETS): no BTF relocation pass.
@@ -209,6 +215,16 @@ fn release_freed_heap() {
     }
 }
 
+/// The object build.rs embedded, or why there is none (it embeds an empty
+/// placeholder when `cargo xtask build-ebpf` has not run).
+fn embedded_object(object: &'static [u8]) -> Result<&'static [u8], LoadError> {
+    if object.is_empty() {
+        Err(LoadError::NotBuilt)
+    } else {
+        Ok(object)
+    }
+}
+
 /// Where `TCP_SKB_CB(skb)->seq` and `->end_seq` live in this kernel.
 fn skb_offsets() -> Result<KernelOffsets, LoadError> {
     let btf = btf::Btf::from_kernel().map_err(LoadError::Btf)?;
@@ -233,4 +249,20 @@ where
 {
     let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
     T::try_from(map).map_err(|e| LoadError::Map(name, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_without_the_bpf_object_refuses_ebpf_mode_in_one_sentence() {
+        let error = embedded_object(&[]).unwrap_err();
+        assert!(matches!(error, LoadError::NotBuilt));
+        assert!(
+            error.to_string().contains("cargo xtask build-ebpf"),
+            "{error}"
+        );
+        assert!(embedded_object(b"\x7fELF").is_ok());
+    }
 }
