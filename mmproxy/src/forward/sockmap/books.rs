@@ -175,14 +175,23 @@ pub(super) fn check(
     Ok((state, info))
 }
 
-/// Bytes sent toward `dst` (by the verdict and by userspace) that its
-/// psock still holds: neither in its send queue nor acknowledged. This is
-/// what nothing but `--ebpf-max-backlog-kib` bounds.
-pub(super) fn redirect_backlog(
+/// What the destination has done with the bytes sent toward it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DstProgress {
+    /// Bytes sent toward `dst` (by the verdict and by userspace) that its
+    /// psock still holds: neither in its send queue nor acknowledged.
+    /// This is what nothing but `--ebpf-max-backlog-kib` bounds.
+    pub(super) backlog: u64,
+    /// `tcpi_bytes_acked` of `dst`: moves while its peer reads.
+    pub(super) acked: u64,
+}
+
+/// Reads `dst`'s progress (one `TCP_INFO`, one `SIOCOUTQ`).
+pub(super) fn dst_progress(
     dst: &Leg,
     books: &Books,
     state: &SocketState,
-) -> Result<u64, SockmapError> {
+) -> Result<DstProgress, SockmapError> {
     // TCP_INFO before SIOCOUTQ: an acknowledgement in between moves bytes
     // from the queue to `acked`, and reading in this order can only
     // overstate the backlog, never understate it.
@@ -190,7 +199,10 @@ pub(super) fn redirect_backlog(
     let queued =
         sockopt::send_queue_bytes(&dst.stream).map_err(|e| SockmapError::io(dst.side, e))?;
     let taken = info.bytes_acked.saturating_sub(dst.acked_baseline) + queued;
-    Ok(books.delivered(state).saturating_sub(taken))
+    Ok(DstProgress {
+        backlog: books.delivered(state).saturating_sub(taken),
+        acked: info.bytes_acked,
+    })
 }
 
 /// Payload bytes received; after the peer's FIN `tcpi_bytes_received`

@@ -80,7 +80,10 @@ impl<'a> Direction<'a> {
             if sockopt::TCP_STATES_AFTER_PEER_FIN.contains(&info.state) {
                 return self.finish().await;
             }
-            if self.books.must_pass(&state) || (signalled && self.extend(&state)?) {
+            // A signal whose wake-up was taken by another wait still
+            // stands: the verdict sends no other until it is answered.
+            let signal = signalled || state.signals != self.books.control.signals_seen;
+            if self.books.must_pass(&state) || (signal && self.extend(&state)?) {
                 if self.episode().await? == Flow::Eof {
                     return self.finish().await;
                 }
@@ -102,7 +105,7 @@ impl<'a> Direction<'a> {
     /// leaves of `--ebpf-max-backlog-kib`, and acknowledges the signal.
     /// Returns true when the direction must go to PASS instead.
     fn extend(&mut self, state: &SocketState) -> Result<bool, SockmapError> {
-        let backlog = books::redirect_backlog(self.dst, &self.books, state)?;
+        let backlog = books::dst_progress(self.dst, &self.books, state)?.backlog;
         let room = self.shared.max_backlog.saturating_sub(backlog);
         self.set_control(self.books.redirect(state, room))?;
         // A verdict that ran between the state read and the update used
@@ -163,8 +166,8 @@ impl Watchdog {
     ) -> Result<bool, SockmapError> {
         let accounted = dir.books.accounted(state);
         let waiting_for_verdict = books::data_received(info) > accounted;
-        let backlog = books::redirect_backlog(dir.dst, &dir.books, state)?;
-        let acked = dir.dst.tcp_info()?.bytes_acked;
+        let books::DstProgress { backlog, acked } =
+            books::dst_progress(dir.dst, &dir.books, state)?;
         if !waiting_for_verdict && backlog == 0 {
             *self = Self::new();
             return Ok(false);

@@ -273,11 +273,12 @@ impl Direction<'_> {
         let mut acked = (0u64, Instant::now());
         loop {
             let state = self.shared.datapath.state(self.src.cookie);
-            if books::redirect_backlog(self.dst, &self.books, &state)? == 0 {
+            let progress = books::dst_progress(self.dst, &self.books, &state)?;
+            if progress.backlog == 0 {
                 return Ok(());
             }
             self.dst.error()?;
-            let now = self.dst.tcp_info()?.bytes_acked;
+            let now = progress.acked;
             if now != acked.0 {
                 acked = (now, Instant::now());
             } else if acked.1.elapsed() >= SEND_STALL {
