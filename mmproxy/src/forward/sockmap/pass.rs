@@ -90,22 +90,38 @@ impl Direction<'_> {
         loop {
             match self.read_passed()? {
                 Some(0) => return Ok(Flow::Eof),
-                Some(n) => self.write_passed(n).await?,
+                Some(n) => {
+                    // Tell the verdict at once that a duplicate mark is
+                    // used up: it has room for one, and under a flood the
+                    // next switch attempt (at EAGAIN) may be seconds away.
+                    if self.write_passed(n).await? && self.resume().await? {
+                        return Ok(Flow::Redirect);
+                    }
+                }
                 None => {
-                    match self.try_resume()? {
-                        Resume::Done => return Ok(Flow::Redirect),
-                        Resume::Behind { redirected: false } => {}
-                        // The verdict redirected a few skbs (up to the
-                        // limit) before passing the ones not read yet:
-                        // those must leave the destination's backlog
-                        // before userspace writes anything behind them.
-                        Resume::Behind { redirected: true } => self.wait_backlog_empty().await?,
+                    if self.resume().await? {
+                        return Ok(Flow::Redirect);
                     }
                     if self.src.watched.ended() {
                         return Ok(Flow::Eof);
                     }
                     self.wait_source().await;
                 }
+            }
+        }
+    }
+
+    /// Tries to switch back to REDIRECT (true when done). When passed bytes
+    /// are still unread and the verdict redirected a few skbs (up to the
+    /// limit) before passing them, those must leave the destination's
+    /// backlog before userspace writes anything behind them: waits for it.
+    async fn resume(&mut self) -> Result<bool, SockmapError> {
+        match self.try_resume()? {
+            Resume::Done => Ok(true),
+            Resume::Behind { redirected: false } => Ok(false),
+            Resume::Behind { redirected: true } => {
+                self.wait_backlog_empty().await?;
+                Ok(false)
             }
         }
     }
@@ -176,7 +192,10 @@ impl Direction<'_> {
             match self.read_passed()? {
                 Some(0) => {}
                 Some(n) => {
-                    self.write_passed(n).await?;
+                    if self.write_passed(n).await? {
+                        // A duplicate mark used up: report it (see above).
+                        self.enter_pass_mode()?;
+                    }
                     continue;
                 }
                 None => {
@@ -216,8 +235,9 @@ impl Direction<'_> {
     }
 
     /// Writes the `n` passed bytes just read to the destination, less any
-    /// duplicates the verdict marked among them, and books them.
-    async fn write_passed(&mut self, n: usize) -> Result<(), SockmapError> {
+    /// duplicates the verdict marked among them, and books them. Returns
+    /// whether the verdict's duplicate mark is now used up.
+    async fn write_passed(&mut self, n: usize) -> Result<bool, SockmapError> {
         let state = self.shared.datapath.state(self.src.cookie);
         let dup = self.books.duplicates_in(&state, n as u64);
         let (dup_start, dup_end) = (
@@ -236,7 +256,7 @@ impl Direction<'_> {
         self.write_buf(keep).await?;
         self.books
             .forwarded_passed(n as u64, (dup_end - dup_start) as u64);
-        Ok(())
+        Ok(dup_start < dup_end && self.books.passed_read >= state.skip_at + state.skip_len)
     }
 
     /// Writes the first `n` bytes of the buffer to the destination.
