@@ -290,6 +290,7 @@ impl Direction<'_> {
     async fn wait_backlog_empty(&mut self) -> Result<(), SockmapError> {
         let mut poll = DRAIN_POLL_MIN;
         let mut yields = 0;
+        let mut kicks = 0u64;
         let mut acked = (0u64, Instant::now());
         loop {
             let state = self.shared.datapath.state(self.src.cookie);
@@ -302,6 +303,16 @@ impl Direction<'_> {
             if now != acked.0 {
                 acked = (now, Instant::now());
             } else if acked.1.elapsed() >= SEND_STALL {
+                kicks += 1;
+                if kicks == 1 || kicks.is_multiple_of(50) {
+                    tracing::debug!(
+                        from = %self.src.side,
+                        to = %self.dst.side,
+                        backlog = progress.backlog,
+                        kicks,
+                        "sockmap: the destination's psock holds bytes and nothing moves; kicking"
+                    );
+                }
                 let _ = sockopt::kick_write_space(&self.dst.stream);
                 acked.1 = Instant::now();
             }
