@@ -31,7 +31,7 @@ mod watcher;
 use std::{
     io,
     os::fd::AsFd,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use socket2::SockRef;
@@ -73,6 +73,9 @@ pub(super) struct Shared {
     datapath: Arc<Datapath>,
     /// Started on the first connection (it needs the runtime).
     watcher: OnceLock<Arc<Watcher>>,
+    /// Serialises starting the watcher: the first connections arrive on
+    /// several worker threads at once, and only one may take the ring.
+    watcher_start: Mutex<()>,
     /// Bytes a direction's redirect backlog may hold
     /// (`--ebpf-max-backlog-kib`).
     max_backlog: u64,
@@ -100,6 +103,7 @@ impl SockmapForwarder {
             shared: Arc::new(Shared {
                 datapath,
                 watcher: OnceLock::new(),
+                watcher_start: Mutex::new(()),
                 max_backlog,
             }),
             fallback: SpliceForwarder::new(),
@@ -112,6 +116,17 @@ impl SockmapForwarder {
     }
 
     fn watcher(&self) -> io::Result<&Arc<Watcher>> {
+        if let Some(watcher) = self.shared.watcher.get() {
+            return Ok(watcher);
+        }
+        // Found by the 1,000-connection test in a fresh-clone CI run: two
+        // first connections both saw no watcher, and the second found the
+        // signal ring taken and failed. Check again under the lock.
+        let _start = self
+            .shared
+            .watcher_start
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(watcher) = self.shared.watcher.get() {
             return Ok(watcher);
         }
