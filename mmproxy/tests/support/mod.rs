@@ -727,7 +727,8 @@ pub enum EchoEnd {
     Eof,
     /// The proxy reset the connection: a loud failure.
     Reset,
-    /// Nothing arrived for 30 s.
+    /// Nothing arrived for 30 s, or the transfer crawled past its
+    /// deadline (30 s plus 10 MB/s of its size).
     Stalled,
     /// Another error.
     Error(std::io::ErrorKind),
@@ -813,7 +814,13 @@ pub async fn echo_verified_with_pauses(
     let mut h = Sha256::new();
     let mut received = 0u64;
     let mut buf = vec![0u8; 1 << 20];
+    // A connection that trickles a few bytes per window probe never
+    // trips the 30 s idle limit; seen in a CI soak (docs/ebpf-datapath.md).
+    let deadline = Instant::now() + Duration::from_secs(30 + total / 10_000_000);
     let end = loop {
+        if Instant::now() > deadline {
+            break EchoEnd::Stalled;
+        }
         match tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf)).await {
             Err(_) => break EchoEnd::Stalled,
             Ok(Ok(0)) => break EchoEnd::Eof,
