@@ -8,6 +8,9 @@
 use std::{ffi::OsString, net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+
+use crate::policy::DestinationRule;
 
 /// Preserves client addresses behind PROXY-protocol load balancers.
 ///
@@ -85,9 +88,39 @@ pub struct Cli {
     pub close_after_secs: u64,
 
     /// Connect to the destination named in each header instead of -4/-6
-    /// (for TPROXY set-ups that serve many ports).
+    /// (for TPROXY set-ups that serve many ports). Needs
+    /// --allowed-destinations: without it any client could make the
+    /// daemon connect anywhere.
     #[arg(long = "dynamic-destination")]
     pub dynamic_destination: bool,
+
+    /// With --dynamic-destination: where headers may send us, as
+    /// CIDR[:PORTS] (`10.0.0.0/8:80,443,8000-8099`); repeat or separate
+    /// entries with spaces. Loopback destinations need an entry inside
+    /// 127.0.0.0/8 or naming the IPv6 loopback; our own listening address needs an entry that
+    /// names exactly it.
+    #[arg(long = "allowed-destinations", value_name = "CIDR[:PORTS]",
+          value_delimiter = ' ', num_args = 1..)]
+    pub allowed_destinations: Vec<DestinationRule>,
+
+    /// Header sources accepted even where a built-in rule refuses them
+    /// (loopback, unspecified, multicast, broadcast, link-local, a backend's
+    /// address). Repeatable; the longest matching prefix of
+    /// --allow-source and --deny-source wins, a tie denies.
+    #[arg(long = "allow-source", value_name = "CIDR", value_parser = parse_cidr)]
+    pub allow_source: Vec<IpNet>,
+
+    /// Header sources refused (the connection is closed, the refusal
+    /// counted). Repeatable.
+    #[arg(long = "deny-source", value_name = "CIDR", value_parser = parse_cidr)]
+    pub deny_source: Vec<IpNet>,
+
+    /// Whether v2 LOCAL and v1 UNKNOWN headers (balancer health checks)
+    /// connect to the backend from the proxy's own address. On by default,
+    /// as in go-mmproxy.
+    #[arg(long = "allow-local", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub allow_local: bool,
 
     /// Set IP_TRANSPARENT on the listeners, so they accept connections
     /// redirected to them by a TPROXY rule.
@@ -227,6 +260,13 @@ fn parse_protocols(s: &str) -> Result<Protocols, String> {
     Ok(p)
 }
 
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map(|net| net.trunc())
+        .map_err(|_| format!("'{s}' is not a CIDR subnet (e.g. 192.0.2.0/24)"))
+}
+
 fn parse_ipv4_target(s: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = s.parse().map_err(|e| format!("{e}"))?;
     if addr.is_ipv4() {
@@ -257,6 +297,10 @@ const LONG_FLAGS: &[&str] = &[
     "listeners",
     "close-after",
     "dynamic-destination",
+    "allowed-destinations",
+    "allow-source",
+    "deny-source",
+    "allow-local",
     "listen-transparent",
     "mode",
     "ebpf-max-backlog-kib",

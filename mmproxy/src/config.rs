@@ -9,7 +9,10 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::cli::{Cli, Mode, Protocols, SourcePortPolicy, UdpHeaderMode};
+use crate::{
+    cli::{Cli, Mode, Protocols, SourcePortPolicy, UdpHeaderMode},
+    policy::{Policy, SourceOverrides},
+};
 
 /// Everything the proxy needs, checked once at start-up.
 #[derive(Debug, Clone)]
@@ -28,6 +31,8 @@ pub struct Config {
     pub listeners: u16,
     pub udp_idle_timeout: Duration,
     pub dynamic_destination: bool,
+    /// Which sources and destinations a header may claim.
+    pub policy: Policy,
     pub listen_transparent: bool,
     pub mode: Mode,
     /// ebpf mode: bytes per direction in the kernel's redirect backlog
@@ -53,6 +58,25 @@ impl Config {
             Some(path) => AllowedSubnets::load(path)?,
             None => AllowedSubnets::any(),
         };
+        if cli.dynamic_destination && cli.allowed_destinations.is_empty() {
+            return Err(ConfigError::OpenRelay);
+        }
+        if !cli.dynamic_destination && !cli.allowed_destinations.is_empty() {
+            return Err(ConfigError::DestinationsUnused);
+        }
+        let policy = Policy {
+            target4: cli.target4,
+            target6: cli.target6,
+            dynamic_destinations: cli
+                .dynamic_destination
+                .then(|| cli.allowed_destinations.clone()),
+            sources: SourceOverrides {
+                allow: cli.allow_source.clone(),
+                deny: cli.deny_source.clone(),
+            },
+            allow_local: cli.allow_local,
+            listen: cli.listen,
+        };
         Ok(Self {
             listen: cli.listen,
             target4: cli.target4,
@@ -65,6 +89,7 @@ impl Config {
             listeners: cli.listeners,
             udp_idle_timeout: Duration::from_secs(cli.close_after_secs),
             dynamic_destination: cli.dynamic_destination,
+            policy,
             listen_transparent: cli.listen_transparent,
             mode: cli.mode,
             ebpf_max_backlog: cli.ebpf_max_backlog_kib * 1024,
@@ -82,13 +107,10 @@ impl Config {
         })
     }
 
-    /// The backend for a client of this address family.
-    pub fn target_for(&self, client: IpAddr) -> SocketAddr {
-        if client.is_ipv4() {
-            self.target4
-        } else {
-            self.target6
-        }
+    /// Whether anyone who reaches a non-loopback listener may choose the
+    /// source address the backend sees: no `--allowed-subnets`.
+    pub fn listens_openly(&self) -> bool {
+        self.allowed_subnets.is_empty() && !self.listen.ip().to_canonical().is_loopback()
     }
 }
 
@@ -111,6 +133,12 @@ pub enum ConfigError {
         "{path} lists no subnets: every connection would be refused (remove --allowed-subnets to allow all)"
     )]
     NoSubnets { path: PathBuf },
+    #[error(
+        "--dynamic-destination needs --allowed-destinations CIDR[:PORTS]: without it any client could make the proxy connect anywhere"
+    )]
+    OpenRelay,
+    #[error("--allowed-destinations applies only with --dynamic-destination")]
+    DestinationsUnused,
 }
 
 /// The peers allowed to connect: the load balancers.

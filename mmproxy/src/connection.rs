@@ -5,13 +5,14 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{net::TcpStream, time::Instant};
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 use crate::{
     config::Config,
     error::Side,
     forward::{self, Connection, ForwardError, Forwarder, Transferred},
     metrics::Metrics,
+    policy::{LogLimiter, Refusal},
     proxy_protocol::{self, Action, MAX_HEADER_LEN, Status, Transport},
     upstream::{self, UpstreamError, UpstreamOptions},
 };
@@ -30,6 +31,8 @@ pub struct TcpProxy {
     /// Cancelled when the drain timeout expires: connections still
     /// forwarding then end with a reset to both peers.
     pub abort: tokio_util::sync::CancellationToken,
+    /// Paces the warnings for refused headers.
+    pub refusal_log: LogLimiter,
 }
 
 /// Why a connection ended before or during forwarding.
@@ -37,6 +40,8 @@ pub struct TcpProxy {
 pub enum ConnectionError {
     #[error(transparent)]
     Header(#[from] HeaderError),
+    #[error("header refused: {0}")]
+    Refused(#[from] Refusal),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
@@ -73,7 +78,7 @@ impl HeaderError {
 impl ConnectionError {
     pub fn side(&self) -> Side {
         match self {
-            ConnectionError::Header(_) => Side::Client,
+            ConnectionError::Header(_) | ConnectionError::Refused(_) => Side::Client,
             ConnectionError::Upstream(e) => e.side(),
             ConnectionError::Forward(e) => e.side,
         }
@@ -105,6 +110,11 @@ impl TcpProxy {
                  header only with the client's first bytes (AWS NLB does), protocols where the \
                  server speaks first (SSH, SMTP) cannot work through it"
             ),
+            Err(ConnectionError::Refused(refusal)) => {
+                if let Some(suppressed) = self.refusal_log.check() {
+                    warn!(%peer, %refusal, suppressed, "PROXY header refused by the source/destination policy");
+                }
+            }
             Err(e) => {
                 debug!(%peer, side = %e.side(), error = %error_chain(&e), "connection failed");
             }
@@ -136,6 +146,14 @@ impl TcpProxy {
                     .get_or_create(&vec![("kind", e.label().to_owned())])
                     .inc();
             }
+            Err(ConnectionError::Refused(refusal)) => {
+                m.tcp_rejected
+                    .get_or_create(&vec![("reason", "policy".to_owned())])
+                    .inc();
+                m.tcp_policy_refusals
+                    .get_or_create(&vec![("reason", refusal.label().to_owned())])
+                    .inc();
+            }
             Err(ConnectionError::Upstream(e)) => {
                 m.tcp_rejected
                     .get_or_create(&vec![("reason", "upstream".to_owned())])
@@ -153,7 +171,8 @@ impl TcpProxy {
     ) -> Result<Transferred, ConnectionError> {
         upstream::tune_stream(&client);
         let (action, mut buf, consumed) = read_header(&client, self.config.header_timeout).await?;
-        let (backend, source) = self.route(action, peer);
+        let route = self.config.policy.route(action, peer)?;
+        let (backend, source) = (route.backend, route.source);
         trace!(%peer, ?action, %backend, "header read");
         let upstream = match upstream::connect(backend, source, &self.upstream).await {
             Ok(up) => up,
@@ -176,25 +195,6 @@ impl TcpProxy {
             header_len: consumed,
         };
         Ok(self.forwarder.forward_until(conn, &self.abort).await?)
-    }
-
-    /// The backend to connect to, and the source to spoof (None: don't).
-    fn route(&self, action: Action, peer: SocketAddr) -> (SocketAddr, Option<SocketAddr>) {
-        match action {
-            Action::Spoof {
-                source,
-                destination,
-            } => {
-                let backend = if self.config.dynamic_destination {
-                    destination
-                } else {
-                    self.config.target_for(source.ip())
-                };
-                (backend, Some(source))
-            }
-            // LOCAL/UNKNOWN/UNSPEC: the balancer itself (health checks).
-            Action::Direct => (self.config.target_for(peer.ip().to_canonical()), None),
-        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! - [`server`]: opens the listeners, runs until shutdown, drains.
 //! - [`listener`]: accept loops, the allowed-subnets check, the connection cap.
 //! - [`connection`]: reads the PROXY header ([`proxy_protocol`], a pure
-//!   parser), decides where to connect and as whom.
+//!   parser); [`policy`] decides where to connect and as whom, or refuses.
 //! - [`upstream`]: the spoofed (IP_TRANSPARENT) socket to the backend.
 //! - [`forward`]: moves the bytes, [`forward::splice`] in userspace or
 //!   [`forward::sockmap`] in the kernel ([`bpf`] loads the programs).
@@ -29,6 +29,7 @@ pub mod error;
 pub mod forward;
 pub mod listener;
 pub mod metrics;
+pub mod policy;
 pub mod proxy_protocol;
 pub mod routing;
 pub mod server;

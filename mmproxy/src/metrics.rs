@@ -41,8 +41,10 @@ pub type Labels = Vec<(&'static str, String)>;
 pub struct Metrics {
     pub tcp_accepted: Counter,
     pub tcp_active: Gauge,
-    /// `reason`: `not_allowed`, `header`, `upstream`.
+    /// `reason`: `not_allowed`, `header`, `policy`, `upstream`.
     pub tcp_rejected: Family<Labels, Counter>,
+    /// `reason`: a [`crate::policy::Refusal`] label.
+    pub tcp_policy_refusals: Family<Labels, Counter>,
     /// `kind`: the parser's error label, timeout, closed, io.
     pub tcp_header_errors: Family<Labels, Counter>,
     /// `stage` (socket, bind, connect, ...) and `errno`.
@@ -150,6 +152,11 @@ fn encode_udp(encoder: &mut DescriptorEncoder, udp: &UdpProxy) -> Result<(), std
             "UDP datagrams dropped because their session could not open, by stage",
             udp.stats.session_errors(),
         ),
+        (
+            "mmproxy_udp_policy_refusals",
+            "UDP datagrams whose PROXY header claimed a refused source or destination, by reason",
+            udp.stats.policy_refusals(),
+        ),
     ] {
         let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
         for (kind, value) in map {
@@ -182,6 +189,11 @@ pub fn registry(metrics: &Metrics, live: Arc<LiveCounters>) -> Registry {
         "mmproxy_tcp_header_errors",
         "TCP connections with a missing or bad PROXY header, by kind",
         metrics.tcp_header_errors.clone(),
+    );
+    r.register(
+        "mmproxy_tcp_policy_refusals",
+        "TCP connections whose PROXY header claimed a refused source or destination, by reason",
+        metrics.tcp_policy_refusals.clone(),
     );
     r.register(
         "mmproxy_tcp_upstream_errors",

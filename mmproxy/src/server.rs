@@ -23,6 +23,7 @@ use crate::{
     forward::{Forwarder, sockmap::SockmapForwarder, splice::SpliceForwarder},
     listener::{self, AcceptContext, ListenError, ListenOptions},
     metrics::{self, LiveCounters, Metrics},
+    policy::{LogLimiter, REFUSAL_LOG_INTERVAL},
     routing::{Installed, Routing, RoutingError},
     udp::{UdpProxy, frontend::FrontendSocket},
     upstream::UpstreamOptions,
@@ -45,6 +46,22 @@ pub enum StartError {
     },
     #[error("--setup-routes")]
     Routes(#[source] RoutingError),
+}
+
+/// Says once, loudly, that anyone who reaches the listener chooses the
+/// client address the backend sees: the default listen address is
+/// go-mmproxy's (every interface), so a forgotten `--allowed-subnets`
+/// must not go unnoticed.
+fn warn_if_open(config: &Config) {
+    if config.listens_openly() {
+        warn!(
+            listen = %config.listen,
+            "no --allowed-subnets: anyone who can reach {} may claim any client address \
+             (the backend will believe it); list your load balancers' subnets in a file and \
+             pass it with --allowed-subnets",
+            config.listen
+        );
+    }
 }
 
 /// Runs the proxy until `shutdown` is cancelled, then drains.
@@ -72,6 +89,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     if !config.quiet {
         log_start_checks(&config).await;
     }
+    warn_if_open(&config);
     let allowed = Arc::new(ArcSwap::from_pointee(config.allowed_subnets.clone()));
     tokio::spawn(reload_on_sighup(
         config.clone(),
@@ -112,7 +130,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     if let Some(udp) = udp {
         let counters = udp.stats.counters();
         info!(?counters, header_errors = ?udp.stats.header_errors(),
-              session_errors = ?udp.stats.session_errors(), "udp counters at exit");
+              session_errors = ?udp.stats.session_errors(),
+              policy_refusals = ?udp.stats.policy_refusals(), "udp counters at exit");
     }
     if let Some((routing, installed)) = routes {
         match routing.remove(installed).await {
@@ -198,6 +217,7 @@ fn start_tcp(
             forwarder,
             metrics: metrics.clone(),
             abort: CancellationToken::new(),
+            refusal_log: LogLimiter::new(REFUSAL_LOG_INTERVAL),
         }),
         allowed: allowed.clone(),
         permits: Arc::new(Semaphore::new(config.max_connections as usize)),

@@ -58,6 +58,33 @@ fn bad_values_exit_2_with_one_line() {
     assert_one_line_error(&["--metrics-addr", "nowhere"], "nowhere");
     assert_one_line_error(&["--log-format", "xml"], "xml");
     assert_one_line_error(&["-log-format", "xml"], "xml");
+    assert_one_line_error(&["--allow-source", "10.0.0.0/33"], "not a CIDR subnet");
+    assert_one_line_error(&["--deny-source", "everyone"], "not a CIDR subnet");
+    assert_one_line_error(&["--allow-local", "maybe"], "maybe");
+    assert_one_line_error(
+        &[
+            "--dynamic-destination",
+            "--allowed-destinations",
+            "10.0.0.0/8:90-80",
+        ],
+        "runs backwards",
+    );
+}
+
+#[test]
+fn dynamic_destination_without_allowed_destinations_is_refused() {
+    assert_one_line_error(
+        &["--dynamic-destination"],
+        "--dynamic-destination needs --allowed-destinations",
+    );
+    assert_one_line_error(
+        &["-dynamic-destination", "-l", "127.0.0.1:0"],
+        "any client could make the proxy connect anywhere",
+    );
+    assert_one_line_error(
+        &["--allowed-destinations", "10.0.0.0/8"],
+        "only with --dynamic-destination",
+    );
 }
 
 #[test]
@@ -112,6 +139,10 @@ fn help_documents_every_flag() {
         "--listeners",
         "--close-after",
         "--dynamic-destination",
+        "--allowed-destinations",
+        "--allow-source",
+        "--deny-source",
+        "--allow-local",
         "--listen-transparent",
         "--mode",
         "--header-timeout",

@@ -7,7 +7,7 @@ use std::{process::Stdio, time::Duration};
 
 use support::{
     Backend, BackendKind, Daemon, Netns, connect_with_header, daemon_binary, header, http_get,
-    netns_or_skip, round_trip, sa,
+    metric, netns_or_skip, round_trip, sa,
     udp::{UdpBackend, datagram, exchange},
     wait_closed,
 };
@@ -167,14 +167,6 @@ fn start_up_logs_the_routing_checks_unless_quiet() {
 }
 
 /// The value of the metric line that starts with `prefix`.
-fn metric(body: &str, prefix: &str) -> u64 {
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {prefix:?} in:\n{body}"))
-}
-
 /// One good TCP connection, one bad header, one backend refusal (IPv6,
 /// no backend there), one good datagram and one without a header.
 async fn good_bad_and_refused_traffic() {
@@ -408,6 +400,8 @@ fn tproxy_recipe_serves_ports_10000_to_10004() {
             "0.0.0.0:8443",
             "--listen-transparent",
             "--dynamic-destination",
+            "--allowed-destinations",
+            "127.0.0.0/8:10000-10004",
             "--mode",
             "plain",
         ],

@@ -522,14 +522,32 @@ fn dynamic_destination_uses_the_header_destination(mode: &'static str) {
     let Some(ns) = netns_or_skip("dynamic_destination") else {
         return;
     };
-    let _d = start(&ns, mode, &["--dynamic-destination", "-4", "127.0.0.1:1"]);
+    let _d = start(
+        &ns,
+        mode,
+        &[
+            "--dynamic-destination",
+            "--allowed-destinations",
+            "127.0.0.1/32:9123",
+            "-4",
+            "127.0.0.1:1",
+        ],
+    );
     ns.run(async {
         let backend = Backend::start("127.0.0.1:9123", BackendKind::Echo).await;
+        let other = Backend::start("127.0.0.1:9124", BackendKind::Echo).await;
         let client = sa("192.0.2.1:40015");
         let mut s =
             connect_with_header(sa(PROXY4), &header::v2(client, sa("127.0.0.1:9123"))).await;
         assert_eq!(round_trip(&mut s, b"x").await, b"x");
         assert_eq!(backend.peers(), vec![client]);
+        // A destination outside --allowed-destinations: closed, never reached.
+        let mut s =
+            connect_with_header(sa(PROXY4), &header::v2(client, sa("127.0.0.1:9124"))).await;
+        wait_closed(&mut s, Duration::from_secs(5))
+            .await
+            .expect("a refused destination closes the client");
+        assert!(other.peers().is_empty());
     });
 }
 

@@ -24,14 +24,15 @@ use tracing::{debug, warn};
 
 use self::{
     frontend::{Datagram, FrontendSocket, RecvBatch},
-    session::{Clock, Route, Session, SessionKey, SessionTable},
+    session::{Clock, Session, SessionKey, SessionTable},
     stats::{UdpStats, inc},
 };
 use crate::{
     cli::UdpHeaderMode,
     config::{AllowedSubnets, Config},
     connection::error_chain,
-    proxy_protocol::{self, Action, Status, Transport},
+    policy::{LogLimiter, REFUSAL_LOG_INTERVAL, Route},
+    proxy_protocol::{self, Status, Transport},
     upstream::{self, UpstreamOptions},
 };
 
@@ -53,6 +54,8 @@ pub struct UdpProxy {
     sessions: SessionTable,
     clock: Clock,
     pub stats: Arc<UdpStats>,
+    /// Paces the warnings for refused headers.
+    refusal_log: LogLimiter,
 }
 
 /// Where a datagram's payload goes.
@@ -76,6 +79,7 @@ impl UdpProxy {
             allowed,
             clock: Clock::new(),
             stats: Arc::default(),
+            refusal_log: LogLimiter::new(REFUSAL_LOG_INTERVAL),
         }
     }
 
@@ -164,31 +168,9 @@ impl UdpProxy {
     /// Strips and interprets the header, or maps a headerless datagram to
     /// its flow (`--udp-header first`). `None`: dropped and counted.
     fn classify<'a>(&self, data: &'a [u8], frontend: SocketAddr) -> Option<Classified<'a>> {
-        let refused = match proxy_protocol::parse(data) {
-            Ok(Status::Complete(header, consumed)) => match header.action(Transport::Datagram) {
-                Ok(action) => {
-                    let route = self.route(action, frontend);
-                    let key = SessionKey {
-                        frontend,
-                        client: route.source,
-                    };
-                    if self.config.udp_header == UdpHeaderMode::First {
-                        self.sessions.remember_flow(key);
-                    }
-                    return Some(Classified {
-                        key,
-                        route: Some(route),
-                        payload: &data[consumed..],
-                    });
-                }
-                Err(e) => e.label(),
-            },
-            Ok(Status::Incomplete) if data.is_empty() => "missing",
-            // A datagram is all there is: a partial header is a bad one.
-            Ok(Status::Incomplete) => "truncated",
-            Err(proxy_protocol::Error::NotProxyProtocol) => "missing",
-            Err(e) => e.label(),
-        };
+        // In first-datagram mode a known flow's datagrams are payload,
+        // whatever they look like: a client must not be able to take
+        // another identity by sending bytes that parse as a header.
         if self.config.udp_header == UdpHeaderMode::First
             && let Some(key) = self.sessions.flow(frontend)
         {
@@ -198,29 +180,52 @@ impl UdpProxy {
                 payload: data,
             });
         }
+        let refused = match proxy_protocol::parse(data) {
+            Ok(Status::Complete(header, consumed)) => match header.action(Transport::Datagram) {
+                Ok(action) => return self.accept_header(action, frontend, &data[consumed..]),
+                Err(e) => e.label(),
+            },
+            Ok(Status::Incomplete) if data.is_empty() => "missing",
+            // A datagram is all there is: a partial header is a bad one.
+            Ok(Status::Incomplete) => "truncated",
+            Err(proxy_protocol::Error::NotProxyProtocol) => "missing",
+            Err(e) => e.label(),
+        };
         self.stats.header_error(refused);
         debug!(peer = %frontend, reason = refused, "datagram without a valid PROXY v2 DGRAM header; dropped");
         None
     }
 
-    fn route(&self, action: Action, frontend: SocketAddr) -> Route {
-        match action {
-            Action::Spoof {
-                source,
-                destination,
-            } => Route {
-                backend: if self.config.dynamic_destination {
-                    destination
-                } else {
-                    self.config.target_for(source.ip())
-                },
-                source: Some(source),
-            },
-            Action::Direct => Route {
-                backend: self.config.target_for(frontend.ip().to_canonical()),
-                source: None,
-            },
+    /// Routes a datagram whose header parsed, or drops it if the policy
+    /// refuses the header's claim.
+    fn accept_header<'a>(
+        &self,
+        action: proxy_protocol::Action,
+        frontend: SocketAddr,
+        payload: &'a [u8],
+    ) -> Option<Classified<'a>> {
+        let route = match self.config.policy.route(action, frontend) {
+            Ok(route) => route,
+            Err(refusal) => {
+                self.stats.policy_refusal(refusal.label());
+                if let Some(suppressed) = self.refusal_log.check() {
+                    warn!(peer = %frontend, %refusal, suppressed, "PROXY header refused by the source/destination policy; datagram dropped");
+                }
+                return None;
+            }
+        };
+        let key = SessionKey {
+            frontend,
+            client: route.source,
+        };
+        if self.config.udp_header == UdpHeaderMode::First {
+            self.sessions.remember_flow(key);
         }
+        Some(Classified {
+            key,
+            route: Some(route),
+            payload,
+        })
     }
 
     /// The open session for `key`, or a new one; a failed session is

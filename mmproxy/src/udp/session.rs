@@ -24,6 +24,8 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::policy::Route;
+
 use super::{
     MAX_DATAGRAM,
     frontend::FrontendSocket,
@@ -39,14 +41,6 @@ pub struct SessionKey {
     pub frontend: SocketAddr,
     /// `None` for LOCAL headers: the balancer's own traffic, not spoofed.
     pub client: Option<SocketAddr>,
-}
-
-/// Where a session's datagrams go, and as whom.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route {
-    pub backend: SocketAddr,
-    /// The source to spoof; `None`: the proxy's own address.
-    pub source: Option<SocketAddr>,
 }
 
 /// Milliseconds since the table was made: cheap to store in an atomic.

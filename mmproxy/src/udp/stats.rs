@@ -42,6 +42,9 @@ pub struct UdpStats {
     session_errors: Mutex<BTreeMap<&'static str, u64>>,
     /// Datagrams dropped for a missing or bad header, by kind.
     header_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Datagrams dropped because the policy refused the header's source
+    /// or destination, by [`crate::policy::Refusal`] label.
+    policy_refusals: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl UdpStats {
@@ -53,6 +56,18 @@ impl UdpStats {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry(kind)
             .or_default() += 1;
+    }
+
+    /// Counts a datagram whose header the policy refused.
+    pub fn policy_refusal(&self, reason: &'static str) {
+        bump(&self.policy_refusals, reason);
+    }
+
+    pub fn policy_refusals(&self) -> BTreeMap<&'static str, u64> {
+        self.policy_refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Counts a datagram dropped because its session could not open.
@@ -110,4 +125,11 @@ pub fn inc(counter: &AtomicU64) {
 pub fn add_datagram(count: &AtomicU64, total: &AtomicU64, bytes: usize) {
     count.fetch_add(1, Relaxed);
     total.fetch_add(bytes as u64, Relaxed);
+}
+
+fn bump(map: &Mutex<BTreeMap<&'static str, u64>>, key: &'static str) {
+    *map.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(key)
+        .or_default() += 1;
 }

@@ -336,6 +336,40 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The value of the first metric line starting with `prefix`.
+pub fn metric(body: &str, prefix: &str) -> u64 {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {prefix:?} in:\n{body}"))
+}
+
+/// Scrapes `/metrics` until every `(prefix, value)` pair holds (counters
+/// move when connections end), or panics after 5 s with the last body.
+pub async fn wait_for_metrics(addr: SocketAddr, expected: &[(&str, u64)]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        let settled = expected.iter().all(|(prefix, value)| {
+            body.lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<u64>().ok())
+                == Some(*value)
+        });
+        if settled {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics did not reach {expected:?}:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A free TCP port on loopback inside the current namespace.
 pub fn free_port() -> u16 {
     StdTcpListener::bind("127.0.0.1:0")
