@@ -490,7 +490,9 @@ fn client_port_that_is_local_falls_back(mode: &'static str) {
     let Some(ns) = netns_or_skip("client_port_local") else {
         return;
     };
-    let _d = start(&ns, mode, &[]);
+    // Loopback sources are refused by default (tests/policy.rs); allowed
+    // here, the header can name a port that is local and in use.
+    let _d = start(&ns, mode, &["--allow-source", "127.0.0.0/8"]);
     ns.run(async {
         let backend = Backend::start(BACKEND4, BackendKind::Echo).await;
         // The header names mmproxy's own listening address as the client.
