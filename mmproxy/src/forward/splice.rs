@@ -163,6 +163,10 @@ async fn splice_until_eof(
             }
         }
         total += filled as u64;
+        // A socket that stays ready never makes the readiness futures
+        // return Pending: without this, one fast flow pins a worker and
+        // accepts, timeouts and SIGTERM wait (tests/fairness.rs).
+        tokio::task::consume_budget().await;
     }
 }
 
@@ -184,6 +188,7 @@ async fn copy_until_eof(
         };
         write_all(dst, &buf[..n]).await.map_err(|e| (dst_side, e))?;
         total += n as u64;
+        tokio::task::consume_budget().await;
     }
 }
 

@@ -103,6 +103,9 @@ impl UdpProxy {
                     for (data, meta) in batch.datagrams() {
                         self.on_datagram(&socket, data, meta);
                     }
+                    // A flood keeps the socket ready, so nothing else
+                    // would ever make this task yield its worker.
+                    tokio::task::consume_budget().await;
                 }
                 Err(e) => {
                     // ENOBUFS/ENOMEM: the datagram is gone, the socket is

@@ -213,6 +213,9 @@ impl Session {
                         return;
                     }
                 }
+                // A backend that answers without pause would otherwise
+                // keep this loop (and its worker) busy forever.
+                tokio::task::consume_budget().await;
             }
             self.touch(self.clock.now_ms());
         }
