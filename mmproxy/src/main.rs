@@ -10,7 +10,6 @@ use mmproxy::{
     server,
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -60,18 +59,22 @@ fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let shutdown = CancellationToken::new();
+        let shutdown = server::Shutdown::default();
         // Registered before the listeners open, so a SIGTERM that arrives
         // right after start-up drains instead of killing the process.
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM received"),
-                _ = int.recv() => info!("SIGINT received"),
+            // The first signal drains; a second one (an impatient
+            // operator, or systemd's final SIGTERM) resets what is left.
+            for stage in [&on_signal.drain, &on_signal.now] {
+                tokio::select! {
+                    _ = term.recv() => info!("SIGTERM received"),
+                    _ = int.recv() => info!("SIGINT received"),
+                }
+                stage.cancel();
             }
-            on_signal.cancel();
         });
         server::run(config, shutdown).await?;
         info!("exiting");

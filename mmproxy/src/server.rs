@@ -64,8 +64,19 @@ fn warn_if_open(config: &Config) {
     }
 }
 
-/// Runs the proxy until `shutdown` is cancelled, then drains.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+/// How the daemon is asked to stop: `drain` starts a graceful shutdown
+/// (SIGTERM, SIGINT); `now` cuts it short (a second signal): open
+/// connections are reset at once.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    pub drain: CancellationToken,
+    pub now: CancellationToken,
+}
+
+/// Runs the proxy until `shutdown.drain` is cancelled, then drains. Routing
+/// that `--setup-routes` added is removed on every way out, a failed
+/// start included.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
     let live = Arc::new(LiveCounters::default());
@@ -78,7 +89,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             listener,
             registry,
             metrics.clone(),
-            shutdown.clone(),
+            shutdown.drain.clone(),
         ));
     }
     let routes = if config.setup_routes {
@@ -86,15 +97,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     } else {
         None
     };
-    if !config.quiet {
-        log_start_checks(&config).await;
+    let served = serve(&config, &metrics, &live, &shutdown).await;
+    if let Some((routing, installed)) = routes {
+        match routing.remove(installed).await {
+            Ok(()) => info!("removed the routing added at start"),
+            Err(e) => warn!(error = %error_chain(&e), "cannot remove the routing added at start"),
+        }
     }
-    warn_if_open(&config);
+    served
+}
+
+/// Opens the listeners, serves until shutdown, drains.
+async fn serve(
+    config: &Arc<Config>,
+    metrics: &Arc<Metrics>,
+    live: &Arc<LiveCounters>,
+    shutdown: &Shutdown,
+) -> Result<(), StartError> {
+    if !config.quiet {
+        log_start_checks(config).await;
+    }
+    warn_if_open(config);
     let allowed = Arc::new(ArcSwap::from_pointee(config.allowed_subnets.clone()));
     tokio::spawn(reload_on_sighup(
         config.clone(),
         allowed.clone(),
-        shutdown.clone(),
+        shutdown.drain.clone(),
     ));
     let upstream = UpstreamOptions {
         mark: config.mark,
@@ -103,7 +131,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     };
     let loops = TaskTracker::new();
     let tcp = if config.protocols.tcp {
-        let ctx = start_tcp(&config, upstream, &allowed, &metrics, &loops, &shutdown)?;
+        let ctx = start_tcp(config, upstream, &allowed, metrics, &loops, &shutdown.drain)?;
         let _ = live.mode.set(ctx.proxy.forwarder.name());
         if let Forwarder::Ebpf(f) = &ctx.proxy.forwarder {
             let _ = live.datapath.set(f.stats());
@@ -113,7 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         None
     };
     let udp = if config.protocols.udp {
-        let udp = start_udp(&config, upstream, &allowed, &loops, &shutdown)?;
+        let udp = start_udp(config, upstream, &allowed, &loops, &shutdown.drain)?;
         let _ = live.udp.set(udp.clone());
         Some(udp)
     } else {
@@ -121,23 +149,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     };
     metrics.set_ready();
 
-    shutdown.cancelled().await;
+    shutdown.drain.cancelled().await;
     loops.close();
     loops.wait().await;
     if let Some(ctx) = tcp {
-        drain_tcp(&ctx, config.drain_timeout).await;
+        drain_tcp(&ctx, config.drain_timeout, &shutdown.now).await;
     }
     if let Some(udp) = udp {
         let counters = udp.stats.counters();
         info!(?counters, header_errors = ?udp.stats.header_errors(),
               session_errors = ?udp.stats.session_errors(),
               policy_refusals = ?udp.stats.policy_refusals(), "udp counters at exit");
-    }
-    if let Some((routing, installed)) = routes {
-        match routing.remove(installed).await {
-            Ok(()) => info!("removed the routing added at start"),
-            Err(e) => warn!(error = %error_chain(&e), "cannot remove the routing added at start"),
-        }
     }
     Ok(())
 }
@@ -279,21 +301,27 @@ fn listen_options(config: &Config) -> ListenOptions {
 /// How long aborted connections get to send their resets before exit.
 const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn drain_tcp(ctx: &AcceptContext, drain_timeout: std::time::Duration) {
+async fn drain_tcp(
+    ctx: &AcceptContext,
+    drain_timeout: std::time::Duration,
+    now: &CancellationToken,
+) {
     let open = ctx.connections.len();
     info!(
         open,
         ?drain_timeout,
-        "stopped accepting; draining connections"
+        "stopped accepting; draining connections (a second SIGTERM or SIGINT resets them now)"
     );
     ctx.connections.close();
-    if tokio::time::timeout(drain_timeout, ctx.connections.wait())
-        .await
-        .is_err()
-    {
+    let cut_short = tokio::select! {
+        () = ctx.connections.wait() => None,
+        () = tokio::time::sleep(drain_timeout) => Some("drain timeout reached"),
+        () = now.cancelled() => Some("second signal"),
+    };
+    if let Some(why) = cut_short {
         warn!(
             cut = ctx.connections.len(),
-            "drain timeout reached; resetting remaining connections"
+            "{why}; resetting remaining connections"
         );
         // A reset, never a FIN: a peer must not take a cut stream for a
         // complete one.

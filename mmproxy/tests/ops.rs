@@ -126,6 +126,85 @@ fn rules_that_existed_before_survive_exit() {
 }
 
 #[test]
+fn a_failed_start_removes_the_routes_it_added() {
+    let Some(_root) = netns_or_skip("a_failed_start_removes_the_routes_it_added") else {
+        return;
+    };
+    let ns = Netns::without_routing();
+    let before = routing_listing(&ns);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _squatter = ns.spawn(async move {
+        let _taken = tokio::net::TcpListener::bind(PROXY4).await.unwrap();
+        tx.send(()).unwrap();
+        std::future::pending::<()>().await;
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let out = ns
+        .command(daemon_binary())
+        .args([&["-l", PROXY4, "--setup-routes", "-q"][..], &TARGETS].concat())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mmproxy");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(PROXY4), "{stderr}");
+    assert!(
+        stderr.contains("removed the routing added at start"),
+        "{stderr}"
+    );
+    assert_eq!(routing_listing(&ns), before, "nothing left behind");
+}
+
+#[test]
+fn a_second_sigterm_resets_at_once_and_still_cleans_up() {
+    let Some(_root) = netns_or_skip("a_second_sigterm_resets_at_once") else {
+        return;
+    };
+    let ns = Netns::without_routing();
+    let before = routing_listing(&ns);
+    let mut d = Daemon::start(
+        &ns,
+        &[
+            &["-l", PROXY4, "--setup-routes", "--drain-timeout", "60"][..],
+            &TARGETS,
+        ]
+        .concat(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (cut_tx, cut_rx) = std::sync::mpsc::channel();
+    let _client = ns.spawn(async move {
+        let _backend = Backend::start(BACKEND4, BackendKind::Echo).await;
+        let mut s =
+            connect_with_header(sa(PROXY4), &header::v1(sa("192.0.2.1:41000"), sa(PROXY4))).await;
+        assert_eq!(round_trip(&mut s, b"open").await, b"open");
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 16];
+        let end = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+        cut_tx.send(end.map_err(|e| e.kind())).unwrap();
+        std::future::pending::<()>().await;
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    d.signal(rustix::process::Signal::TERM);
+    d.wait_for_log("draining connections", Duration::from_secs(5));
+    let second = std::time::Instant::now();
+    d.signal(rustix::process::Signal::TERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        second.elapsed() < Duration::from_secs(3),
+        "exit took {:?} after the second SIGTERM",
+        second.elapsed()
+    );
+    d.wait_for_log("second signal; resetting", Duration::from_secs(1));
+    let end = cut_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the cut connection ends in a reset, not a clean FIN"
+    );
+    assert_eq!(routing_listing(&ns), before, "routes removed");
+}
+
+#[test]
 fn mark_variant_is_checked_and_set_up() {
     let Some(_root) = netns_or_skip("mark_variant_is_checked_and_set_up") else {
         return;
@@ -166,7 +245,6 @@ fn start_up_logs_the_routing_checks_unless_quiet() {
     );
 }
 
-/// The value of the metric line that starts with `prefix`.
 /// One good TCP connection, one bad header, one backend refusal (IPv6,
 /// no backend there), one good datagram and one without a header.
 async fn good_bad_and_refused_traffic() {
