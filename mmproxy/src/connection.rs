@@ -1,7 +1,7 @@
 //! One TCP connection's life: read the PROXY header, decide where to
 //! connect and as whom, connect upstream, forward.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, os::fd::AsRawFd as _, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{net::TcpStream, time::Instant};
@@ -10,7 +10,7 @@ use tracing::{debug, trace, warn};
 use crate::{
     config::Config,
     error::Side,
-    forward::{self, Connection, ForwardError, Forwarder, Transferred},
+    forward::{self, Connection, ForwardError, Forwarder, ResetOnPanic, Transferred},
     metrics::Metrics,
     policy::{LogLimiter, Refusal},
     proxy_protocol::{self, Action, MAX_HEADER_LEN, Status, Transport},
@@ -170,6 +170,8 @@ impl TcpProxy {
         peer: SocketAddr,
     ) -> Result<Transferred, ConnectionError> {
         upstream::tune_stream(&client);
+        // A bug that panics in here must not close the client cleanly.
+        let mut reset_on_panic = ResetOnPanic::new(&[client.as_raw_fd()]);
         let (action, mut buf, consumed) = read_header(&client, self.config.header_timeout).await?;
         let route = self.config.policy.route(action, peer)?;
         let (backend, source) = (route.backend, route.source);
@@ -184,6 +186,7 @@ impl TcpProxy {
                 return Err(e.into());
             }
         };
+        reset_on_panic.add(upstream.stream.as_raw_fd());
         if upstream.fell_back {
             debug!(%peer, ?source, local = %upstream.local, "client port in use upstream; used an ephemeral port");
         }
@@ -194,6 +197,8 @@ impl TcpProxy {
             early_data,
             header_len: consumed,
         };
+        // The forwarder's own guard covers the sockets from here on.
+        reset_on_panic.disarm();
         Ok(self.forwarder.forward_until(conn, &self.abort).await?)
     }
 }

@@ -17,7 +17,7 @@ pub mod splice;
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     time::Duration,
 };
 
@@ -83,6 +83,9 @@ impl Forwarder {
         let fds = [conn.client.as_raw_fd(), conn.upstream.as_raw_fd()];
         let forwarding = self.forward(conn);
         tokio::pin!(forwarding);
+        // Declared after `forwarding`, so dropped before it: the sockets
+        // are still open when a panic's unwinding reaches the guard.
+        let _reset_on_panic = ResetOnPanic::new(&fds);
         tokio::select! {
             result = &mut forwarding => result,
             () = abort.cancelled() => {
@@ -106,6 +109,45 @@ impl Forwarder {
         match self {
             Forwarder::Plain(_) => "plain",
             Forwarder::Ebpf(_) => "ebpf",
+        }
+    }
+}
+
+/// Resets sockets that are closed because their task panicked: a
+/// connection cut by a bug must not look complete to either peer (a
+/// plain close would send a FIN). The guard must be dropped while the
+/// sockets are still open: declare it after their owner, or
+/// [`disarm`](ResetOnPanic::disarm) it before handing them on.
+#[derive(Debug)]
+pub struct ResetOnPanic {
+    fds: Vec<RawFd>,
+}
+
+impl ResetOnPanic {
+    pub fn new(fds: &[RawFd]) -> Self {
+        Self { fds: fds.to_vec() }
+    }
+
+    /// Covers one more socket.
+    pub fn add(&mut self, fd: RawFd) {
+        self.fds.push(fd);
+    }
+
+    /// Stops covering anything (the sockets moved on).
+    pub fn disarm(&mut self) {
+        self.fds.clear();
+    }
+}
+
+impl Drop for ResetOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for &fd in &self.fds {
+            // SAFETY: by the type's contract the descriptors are still
+            // open and refer to the sockets the guard was given.
+            reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
         }
     }
 }
@@ -168,4 +210,64 @@ pub(crate) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{ErrorKind, Read as _, Write as _},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// A connected pair on loopback: (our end, the peer's end).
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        (ours, peer)
+    }
+
+    fn peer_sees(mut peer: TcpStream) -> Result<usize, ErrorKind> {
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        peer.read(&mut buf).map_err(|e| e.kind())
+    }
+
+    #[test]
+    fn a_panic_resets_both_peers() {
+        let ((client, client_peer), (upstream, upstream_peer)) = (pair(), pair());
+        let unwound = std::panic::catch_unwind(move || {
+            let sockets = (client, upstream);
+            let _guard = ResetOnPanic::new(&[sockets.0.as_raw_fd(), sockets.1.as_raw_fd()]);
+            panic!("a bug in a connection task");
+        });
+        assert!(unwound.is_err());
+        assert_eq!(peer_sees(client_peer), Err(ErrorKind::ConnectionReset));
+        assert_eq!(peer_sees(upstream_peer), Err(ErrorKind::ConnectionReset));
+    }
+
+    #[test]
+    fn without_a_panic_or_once_disarmed_a_close_is_a_fin() {
+        let (ours, peer) = pair();
+        {
+            let _guard = ResetOnPanic::new(&[ours.as_raw_fd()]);
+            drop(ours);
+        }
+        assert_eq!(peer_sees(peer), Ok(0));
+        let (mut ours, peer) = pair();
+        let unwound = std::panic::catch_unwind(move || {
+            let mut guard = ResetOnPanic::new(&[ours.as_raw_fd()]);
+            ours.write_all(b"x").unwrap();
+            guard.disarm();
+            drop(ours);
+            panic!("after the hand-over");
+        });
+        assert!(unwound.is_err());
+        let mut peer = peer;
+        let mut buf = [0u8; 4];
+        assert_eq!(peer.read(&mut buf).unwrap(), 1);
+        assert_eq!(peer_sees(peer), Ok(0));
+    }
 }
