@@ -56,6 +56,11 @@ pub enum Error {
     /// The CRC32C TLV does not match the header (spec 2.2.5).
     #[error("v2 CRC32C checksum does not match the header")]
     V2Crc32cMismatch,
+    /// More than one CRC32C TLV. Refused before any is computed: each one
+    /// costs a pass over the whole header, so thousands of them in a
+    /// 64 KiB header would make parsing quadratic.
+    #[error("v2 header carries more than one CRC32C TLV")]
+    V2DuplicateCrc32c,
     /// A UNIQUE_ID TLV longer than 128 bytes (spec 2.2.6).
     #[error("v2 UNIQUE_ID TLV is longer than 128 bytes")]
     V2UniqueIdTooLong,
@@ -96,6 +101,7 @@ impl Error {
             Error::V2TlvTruncated => "v2_tlv_truncated",
             Error::V2Crc32cLength => "v2_crc32c_length",
             Error::V2Crc32cMismatch => "v2_crc32c_mismatch",
+            Error::V2DuplicateCrc32c => "v2_duplicate_crc32c",
             Error::V2UniqueIdTooLong => "v2_unique_id_too_long",
             Error::V2SslTooShort => "v2_ssl_too_short",
             Error::UnixAddresses => "unix_addresses",

@@ -532,6 +532,26 @@ fn v2_crc32c_is_verified() {
 }
 
 #[test]
+fn v2_a_second_crc32c_is_refused_before_any_is_computed() {
+    // Two CRC TLVs, the first one correct for the header as built: the
+    // second is refused as such, not as a mismatch.
+    let two = V2Builder::proxy(Transport::Stream, sa("192.0.2.1:1"), sa("192.0.2.2:2"))
+        .tlv(TlvType::CRC32C, &[0; 4])
+        .with_crc32c()
+        .build()
+        .unwrap();
+    assert_eq!(err(&two), Error::V2DuplicateCrc32c);
+    assert_eq!(Error::V2DuplicateCrc32c.label(), "v2_duplicate_crc32c");
+    // Thousands of them in a maximal header: refused without computing
+    // one (each would be a pass over 64 KiB).
+    let mut many = V2Builder::proxy(Transport::Stream, sa("192.0.2.1:1"), sa("192.0.2.2:2"));
+    for _ in 0..9000 {
+        many = many.tlv(TlvType::CRC32C, &[0; 4]);
+    }
+    assert_eq!(err(&many.build().unwrap()), Error::V2DuplicateCrc32c);
+}
+
+#[test]
 fn v2_tlv_rules() {
     let base = || V2Builder::proxy(Transport::Stream, sa("192.0.2.1:1"), sa("192.0.2.2:2"));
     assert_eq!(

@@ -234,6 +234,9 @@ pub(super) fn validate<'a>(
     area_offset: usize,
     header: &[u8],
 ) -> Result<Tlvs<'a>, Error> {
+    if crc32c_count(area) > 1 {
+        return Err(Error::V2DuplicateCrc32c);
+    }
     let mut r = Reader::new(area);
     while let Some(tlv) = next_tlv(&mut r)? {
         match tlv.kind {
@@ -253,6 +256,17 @@ pub(super) fn validate<'a>(
         }
     }
     Ok(Tlvs { bytes: area })
+}
+
+/// How many CRC32C TLVs the area holds (up to where its structure
+/// breaks; the main pass reports that). One pass over TLV headers only.
+fn crc32c_count(area: &[u8]) -> usize {
+    let mut r = Reader::new(area);
+    let mut count = 0;
+    while let Ok(Some(tlv)) = next_tlv(&mut r) {
+        count += usize::from(tlv.kind == TlvType::CRC32C);
+    }
+    count
 }
 
 /// Spec 2.2.5: CRC32c over the whole header with the checksum field zeroed.
