@@ -156,6 +156,23 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// Most TCP connections waiting for their PROXY header at once; a new
+    /// one beyond it closes the one that has waited longest (slowloris
+    /// protection: a balancer sends its header at once).
+    #[arg(long = "max-pending-headers", value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_headers: u32,
+
+    /// Most TCP connections per claimed client address (0: no limit).
+    /// Beyond it a connection is closed after its header.
+    #[arg(long = "max-conns-per-source", value_name = "N", default_value_t = 0)]
+    pub max_conns_per_source: u32,
+
+    /// Seconds a TCP connection may go without a byte either way before
+    /// both peers are reset (0: never).
+    #[arg(long = "idle-timeout", value_name = "SECS", default_value_t = 0)]
+    pub idle_timeout_secs: u64,
+
     /// When the client's ip:port cannot be bound upstream (it is local, or
     /// in `TIME_WAIT`): fallback (client IP, ephemeral port, logged), strict
     /// (drop the connection), or ephemeral (always an ephemeral port).
@@ -307,6 +324,9 @@ const LONG_FLAGS: &[&str] = &[
     "header-timeout",
     "connect-timeout",
     "max-connections",
+    "max-pending-headers",
+    "max-conns-per-source",
+    "idle-timeout",
     "source-port",
     "drain-timeout",
     "udp-header",

@@ -41,6 +41,11 @@ pub struct Config {
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_connections: u32,
+    pub max_pending_headers: u32,
+    /// 0: no limit.
+    pub max_conns_per_source: u32,
+    /// `None`: connections may idle forever.
+    pub idle_timeout: Option<Duration>,
     pub source_port: SourcePortPolicy,
     pub drain_timeout: Duration,
     pub udp_header: UdpHeaderMode,
@@ -96,6 +101,10 @@ impl Config {
             header_timeout: Duration::from_secs(cli.header_timeout_secs),
             connect_timeout: Duration::from_secs(cli.connect_timeout_secs),
             max_connections: cli.max_connections,
+            max_pending_headers: cli.max_pending_headers,
+            max_conns_per_source: cli.max_conns_per_source,
+            idle_timeout: (cli.idle_timeout_secs > 0)
+                .then(|| Duration::from_secs(cli.idle_timeout_secs)),
             source_port: cli.source_port,
             drain_timeout: Duration::from_secs(cli.drain_timeout_secs),
             udp_header: cli.udp_header,

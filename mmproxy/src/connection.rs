@@ -1,16 +1,24 @@
 //! One TCP connection's life: read the PROXY header, decide where to
 //! connect and as whom, connect upstream, forward.
 
-use std::{io, net::SocketAddr, os::fd::AsRawFd as _, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd as _,
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::BytesMut;
 use tokio::{net::TcpStream, time::Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace, warn};
 
 use crate::{
     config::Config,
     error::Side,
     forward::{self, Connection, ForwardError, Forwarder, ResetOnPanic, Transferred},
+    limits::{HeaderGate, SourceCounter},
     metrics::Metrics,
     policy::{LogLimiter, Refusal},
     proxy_protocol::{self, Action, MAX_HEADER_LEN, Status, Transport},
@@ -33,6 +41,10 @@ pub struct TcpProxy {
     pub abort: tokio_util::sync::CancellationToken,
     /// Paces the warnings for refused headers.
     pub refusal_log: LogLimiter,
+    /// `--max-pending-headers`.
+    pub header_gate: Arc<HeaderGate>,
+    /// `--max-conns-per-source`.
+    pub sources: Arc<SourceCounter>,
 }
 
 /// Why a connection ended before or during forwarding.
@@ -42,6 +54,8 @@ pub enum ConnectionError {
     Header(#[from] HeaderError),
     #[error("header refused: {0}")]
     Refused(#[from] Refusal),
+    #[error("{client} already has {limit} connections (--max-conns-per-source)")]
+    SourceLimit { client: IpAddr, limit: u32 },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
@@ -61,6 +75,10 @@ pub enum HeaderError {
     Closed { received: usize },
     #[error("reading the PROXY header failed")]
     Io(#[source] io::Error),
+    #[error(
+        "closed while waiting for a PROXY header: --max-pending-headers newer connections were waiting too ({received} bytes received)"
+    )]
+    Evicted { received: usize },
 }
 
 impl HeaderError {
@@ -71,6 +89,7 @@ impl HeaderError {
             HeaderError::Timeout { .. } => "timeout",
             HeaderError::Closed { .. } => "closed",
             HeaderError::Io(_) => "io",
+            HeaderError::Evicted { .. } => "evicted",
         }
     }
 }
@@ -78,7 +97,9 @@ impl HeaderError {
 impl ConnectionError {
     pub fn side(&self) -> Side {
         match self {
-            ConnectionError::Header(_) | ConnectionError::Refused(_) => Side::Client,
+            ConnectionError::Header(_)
+            | ConnectionError::Refused(_)
+            | ConnectionError::SourceLimit { .. } => Side::Client,
             ConnectionError::Upstream(e) => e.side(),
             ConnectionError::Forward(e) => e.side,
         }
@@ -154,6 +175,11 @@ impl TcpProxy {
                     .get_or_create(&vec![("reason", refusal.label().to_owned())])
                     .inc();
             }
+            Err(ConnectionError::SourceLimit { .. }) => {
+                m.tcp_rejected
+                    .get_or_create(&vec![("reason", "source_limit".to_owned())])
+                    .inc();
+            }
             Err(ConnectionError::Upstream(e)) => {
                 m.tcp_rejected
                     .get_or_create(&vec![("reason", "upstream".to_owned())])
@@ -172,9 +198,21 @@ impl TcpProxy {
         upstream::tune_stream(&client);
         // A bug that panics in here must not close the client cleanly.
         let mut reset_on_panic = ResetOnPanic::new(&[client.as_raw_fd()]);
-        let (action, mut buf, consumed) = read_header(&client, self.config.header_timeout).await?;
+        let (slot, _) = self.header_gate.enter();
+        let (action, mut buf, consumed) =
+            read_header(&client, self.config.header_timeout, &slot.evicted).await?;
+        drop(slot);
         let route = self.config.policy.route(action, peer)?;
         let (backend, source) = (route.backend, route.source);
+        let _ticket = match source {
+            Some(client) => Some(self.sources.admit(client.ip()).ok_or(
+                ConnectionError::SourceLimit {
+                    client: client.ip(),
+                    limit: self.config.max_conns_per_source,
+                },
+            )?),
+            None => None,
+        };
         trace!(%peer, ?action, %backend, "header read");
         let upstream = match upstream::connect(backend, source, &self.upstream).await {
             Ok(up) => up,
@@ -199,7 +237,10 @@ impl TcpProxy {
         };
         // The forwarder's own guard covers the sockets from here on.
         reset_on_panic.disarm();
-        Ok(self.forwarder.forward_until(conn, &self.abort).await?)
+        Ok(self
+            .forwarder
+            .forward_until(conn, &self.abort, self.config.idle_timeout)
+            .await?)
     }
 }
 
@@ -209,6 +250,7 @@ impl TcpProxy {
 pub async fn read_header(
     client: &TcpStream,
     timeout: Duration,
+    evicted: &CancellationToken,
 ) -> Result<(Action, BytesMut, usize), HeaderError> {
     let deadline = Instant::now() + timeout;
     let mut buf = BytesMut::with_capacity(HEADER_READ_BYTES);
@@ -223,7 +265,12 @@ pub async fn read_header(
         // The parser never asks for more than MAX_HEADER_LEN bytes.
         debug_assert!(buf.len() < MAX_HEADER_LEN);
         buf.reserve(HEADER_READ_BYTES);
-        let read = tokio::time::timeout_at(deadline, read_some(client, &mut buf)).await;
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, read_some(client, &mut buf)) => read,
+            () = evicted.cancelled() => {
+                return Err(HeaderError::Evicted { received: buf.len() });
+            }
+        };
         match read {
             Err(_) => {
                 return Err(HeaderError::Timeout {

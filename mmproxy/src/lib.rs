@@ -5,6 +5,7 @@
 //! - [`cli`], [`config`]: flags (go-mmproxy compatible) become a [`config::Config`].
 //! - [`server`]: opens the listeners, runs until shutdown, drains.
 //! - [`listener`]: accept loops, the allowed-subnets check, the connection cap.
+//! - [`limits`]: the header-phase gate, per-source caps, the idle timeout.
 //! - [`connection`]: reads the PROXY header ([`proxy_protocol`], a pure
 //!   parser); [`policy`] decides where to connect and as whom, or refuses.
 //! - [`upstream`]: the spoofed (IP_TRANSPARENT) socket to the backend.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod forward;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod policy;

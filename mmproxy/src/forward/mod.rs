@@ -25,7 +25,7 @@ use bytes::Bytes;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-use crate::error::Side;
+use crate::{error::Side, limits::IdleWatch};
 
 /// A proxied connection, ready to forward.
 #[derive(Debug)]
@@ -73,12 +73,14 @@ impl Forwarder {
     }
 
     /// As [`Forwarder::forward`], until `abort` is cancelled (the drain
-    /// timeout expired): then both peers get a reset, never a clean FIN
-    /// with bytes missing.
+    /// timeout expired) or, with `idle_timeout`, no byte moved either way
+    /// for that long: then both peers get a reset, never a clean FIN with
+    /// bytes missing.
     pub async fn forward_until(
         &self,
         conn: Connection,
         abort: &tokio_util::sync::CancellationToken,
+        idle_timeout: Option<Duration>,
     ) -> Result<Transferred, ForwardError> {
         let fds = [conn.client.as_raw_fd(), conn.upstream.as_raw_fd()];
         let forwarding = self.forward(conn);
@@ -86,22 +88,32 @@ impl Forwarder {
         // Declared after `forwarding`, so dropped before it: the sockets
         // are still open when a panic's unwinding reaches the guard.
         let _reset_on_panic = ResetOnPanic::new(&fds);
-        tokio::select! {
-            result = &mut forwarding => result,
-            () = abort.cancelled() => {
-                for fd in fds {
-                    // SAFETY: `forwarding` owns both sockets and is alive
-                    // until this function returns, so the descriptors are
-                    // open and still refer to them.
-                    reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
-                }
-                Err(ForwardError {
-                    side: Side::Internal,
-                    source: io::Error::other("drain timeout expired; connection reset"),
-                    transferred: Transferred::default(),
-                })
+        // `forwarding` owns both sockets and lives until this returns.
+        let idle = async {
+            match idle_timeout {
+                Some(timeout) => IdleWatch::new(fds, timeout).until_idle().await,
+                None => std::future::pending().await,
             }
+        };
+        let cut = tokio::select! {
+            result = &mut forwarding => return result,
+            () = abort.cancelled() => "drain timeout expired; connection reset",
+            watched = idle => match watched {
+                Ok(()) => "idle timeout; connection reset",
+                Err(_) => "cannot read the sockets' counters; connection reset",
+            },
+        };
+        for fd in fds {
+            // SAFETY: `forwarding` owns both sockets and is alive until
+            // this function returns, so the descriptors are open and still
+            // refer to them.
+            reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
         }
+        Err(ForwardError {
+            side: Side::Internal,
+            source: io::Error::other(cut),
+            transferred: Transferred::default(),
+        })
     }
 
     /// `plain` or `ebpf`, for logs and metrics.
