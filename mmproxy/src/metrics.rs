@@ -11,11 +11,12 @@ use std::{
         Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -31,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::{forward::sockmap::DatapathStats, udp::UdpProxy};
+use crate::{forward::sockmap::DatapathStats, limits::HeaderGate, udp::UdpProxy};
 
 /// Label pairs; the values are a handful of fixed names or errno names.
 pub type Labels = Vec<(&'static str, String)>;
@@ -209,7 +210,18 @@ pub fn registry(metrics: &Metrics, live: Arc<LiveCounters>) -> Registry {
     r
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`.
+/// Time a metrics client has to send its request headers.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Metrics connections open at once; a new one beyond it closes the
+/// oldest (scrapers reconnect; a slowloris only ever holds this many).
+const METRICS_MAX_CONNECTIONS: usize = 64;
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`. The
+/// endpoint is exposed to whoever can reach it, so it is bounded like the
+/// proxy: a header read timeout, a connection cap that evicts the oldest
+/// connection, and a back-off when accepting fails for lack of resources.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
@@ -219,25 +231,46 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics on http://{addr}/metrics, health on /healthz");
     }
+    let gate = HeaderGate::new(METRICS_MAX_CONNECTIONS);
+    let mut backoff = ACCEPT_BACKOFF_START;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = shutdown.cancelled() => return,
         };
-        let Ok((stream, peer)) = accepted else {
-            continue;
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = ACCEPT_BACKOFF_START;
+                a
+            }
+            Err(e) => {
+                debug!(error = %e, retry_in = ?backoff, "metrics accept failed");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
         };
+        let (slot, _) = gate.enter();
         let (registry, metrics) = (registry.clone(), metrics.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let response = respond(&req, &registry, &metrics);
                 async move { Ok::<_, Infallible>(response) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %e, "metrics connection failed");
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                served = connection => if let Err(e) = served {
+                    debug!(%peer, error = %e, "metrics connection failed");
+                },
+                () = slot.evicted.cancelled() => {
+                    debug!(%peer, "metrics connection closed to make room");
+                }
             }
         });
     }

@@ -125,6 +125,48 @@ fn rules_that_existed_before_survive_exit() {
     );
 }
 
+/// 500 slowloris connections to the metrics port (request headers begun,
+/// never finished) with only 256 open files allowed: `/healthz` still
+/// answers, because the endpoint caps its connections by closing the
+/// oldest, and its accept loop backs off instead of spinning on EMFILE.
+#[test]
+fn metrics_survive_a_slowloris() {
+    let Some(ns) = netns_or_skip("metrics_survive_a_slowloris") else {
+        return;
+    };
+    let mut cmd = ns.command("prlimit");
+    cmd.args(["--nofile=256:256", "--"]).arg(daemon_binary());
+    let _d = Daemon::start_with(
+        cmd,
+        &[
+            &["-l", PROXY4, "--metrics-addr", "127.0.0.1:9100"][..],
+            &TARGETS,
+        ]
+        .concat(),
+    );
+    ns.run(async {
+        let metrics = sa("127.0.0.1:9100");
+        let mut slow = Vec::new();
+        for _ in 0..500 {
+            let Ok(Ok(mut s)) = tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(metrics),
+            )
+            .await
+            else {
+                continue;
+            };
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
+            slow.push(s);
+        }
+        for _ in 0..3 {
+            let (status, body) = http_get(metrics, "/healthz").await;
+            assert_eq!(status, 200, "{body}");
+        }
+        drop(slow);
+    });
+}
+
 #[test]
 fn a_failed_start_removes_the_routes_it_added() {
     let Some(_root) = netns_or_skip("a_failed_start_removes_the_routes_it_added") else {
