@@ -493,8 +493,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Signal before taking the child: `signal` finds the pid there.
+        self.signal(rustix::process::Signal::TERM);
         if let Some(mut child) = self.child.take() {
-            self.signal(rustix::process::Signal::TERM);
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline {
                 if matches!(child.try_wait(), Ok(Some(_))) {
