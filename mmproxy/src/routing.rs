@@ -7,17 +7,79 @@
 //! or carrying `--mark`) to a table, and in that table a `local` default
 //! route that delivers everything to local sockets, where the spoofed
 //! upstream socket picks it up.
+//!
+//! What `--setup-routes` adds carries a protocol number of its own
+//! ([`MMPROXY_PROTOCOL`], shown by `ip rule` / `ip route` as `proto 109`),
+//! so a restart after a crash or SIGKILL recognises its own leftovers and
+//! takes them over (and removes them at exit) instead of adding a second
+//! copy or mistaking them for the operator's. The instance that manages
+//! them holds an exclusive lock per network namespace and table
+//! ([`OwnerLock`]); a second instance in the same namespace leaves them
+//! alone.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    fs::{self, File},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+};
 
 use futures_util::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::{
     AddressFamily,
-    route::{RouteAttribute, RouteMessage, RouteScope, RouteType},
+    route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
 };
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+
+/// The `rtm_protocol` / `FRA_PROTOCOL` value on everything
+/// `--setup-routes` adds (unassigned in iproute2's `rt_protos`).
+pub const MMPROXY_PROTOCOL: u8 = 109;
+
+/// Where the per-namespace owner locks live.
+const LOCK_DIR: &str = "/run/mmproxy";
+
+/// An exclusive `flock` on `/run/mmproxy/routes-<netns inode>-<table>.lock`:
+/// whoever holds it manages the tagged routing of that namespace and
+/// table. The kernel drops it when its holder dies, however it dies.
+#[derive(Debug)]
+pub struct OwnerLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl OwnerLock {
+    /// The lock, or `None` when a live instance holds it.
+    fn try_take(table: u32) -> Result<Option<Self>, RoutingError> {
+        let netns = fs::metadata("/proc/self/ns/net")
+            .map_err(|e| RoutingError::Lock(PathBuf::from("/proc/self/ns/net"), e))?
+            .ino();
+        fs::create_dir_all(LOCK_DIR).map_err(|e| RoutingError::Lock(LOCK_DIR.into(), e))?;
+        let path = PathBuf::from(format!("{LOCK_DIR}/routes-{netns}-{table}.lock"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| RoutingError::Lock(path.clone(), e))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(Self { file, path })),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(RoutingError::Lock(path, e.into())),
+        }
+    }
+}
+
+impl OwnerLock {
+    /// Deletes the lock file, then releases the lock: after a clean exit
+    /// nothing is left in /run. A newcomer that opened the old file before
+    /// the unlink fails its lock and does not take over.
+    fn release(self) {
+        let _ = fs::remove_file(&self.path);
+        drop(self.file);
+    }
+}
 
 /// Which rules and routes the proxy needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +211,12 @@ pub enum RoutingError {
     },
     #[error("the loopback interface 'lo' was not found")]
     NoLoopback,
+    #[error("cannot take the routing owner lock {0}")]
+    Lock(PathBuf, #[source] std::io::Error),
+    #[error(
+        "another mmproxy in this network namespace manages the --setup-routes routing (it holds the lock in /run/mmproxy), yet this is missing: {0}"
+    )]
+    NotOwner(String),
 }
 
 fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RoutingError {
@@ -163,11 +231,15 @@ pub struct Routing {
     lo_index: u32,
 }
 
-/// Pieces `--setup-routes` added, to be removed on exit.
+/// Pieces `--setup-routes` added (or took over from an earlier run), to
+/// be removed on exit, and the lock that makes them ours.
 #[derive(Debug, Default)]
 pub struct Installed {
     rules: Vec<RuleMessage>,
     routes: Vec<RouteMessage>,
+    /// Leftovers of an earlier run, taken over.
+    pub adopted: usize,
+    lock: Option<OwnerLock>,
 }
 
 impl Installed {
@@ -222,9 +294,33 @@ impl Routing {
         spec: RoutingSpec,
         installed: &mut Installed,
     ) -> Result<(), RoutingError> {
+        installed.lock = OwnerLock::try_take(spec.table)?;
+        let owner = installed.lock.is_some();
         for piece in Piece::ALL {
-            if self.has(piece, spec).await? {
-                continue;
+            match piece {
+                Piece::Rule(f) => {
+                    if let Some(rule) = self.find_rule(f, spec).await? {
+                        if owner && rule_is_ours(&rule) {
+                            installed.rules.push(rule);
+                            installed.adopted += 1;
+                        }
+                        continue;
+                    }
+                }
+                Piece::LocalRoute(f) => {
+                    if let Some(route) = self.find_route(f, spec).await? {
+                        if owner && route_is_ours(&route) {
+                            installed.routes.push(route);
+                            installed.adopted += 1;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if !owner {
+                // Another live instance manages this namespace's routing
+                // and will remove it; adding ours would race its exit.
+                return Err(RoutingError::NotOwner(piece.describe(spec)));
             }
             match piece {
                 Piece::Rule(f) => {
@@ -250,7 +346,25 @@ impl Routing {
 
     /// Removes what [`Routing::install_missing`] added, and nothing else.
     pub async fn remove(&self, installed: Installed) -> Result<(), RoutingError> {
-        for rule in installed.rules {
+        let Installed {
+            rules,
+            routes,
+            lock,
+            ..
+        } = installed;
+        self.remove_pieces(rules, routes).await?;
+        if let Some(lock) = lock {
+            lock.release();
+        }
+        Ok(())
+    }
+
+    async fn remove_pieces(
+        &self,
+        rules: Vec<RuleMessage>,
+        routes: Vec<RouteMessage>,
+    ) -> Result<(), RoutingError> {
+        for rule in rules {
             self.handle
                 .rule()
                 .del(rule)
@@ -258,7 +372,7 @@ impl Routing {
                 .await
                 .map_err(netlink("removing a rule added at start"))?;
         }
-        for route in installed.routes {
+        for route in routes {
             self.handle
                 .route()
                 .del(route)
@@ -293,23 +407,34 @@ impl Routing {
             .add()
             .table_id(spec.table)
             .action(RuleAction::ToTable);
+        let tag = RuleAttribute::Protocol(RouteProtocol::Other(MMPROXY_PROTOCOL));
         let result = match (f, spec.mark) {
             (Family::V4, 0) => {
-                add.v4()
+                let mut req = add
+                    .v4()
                     .source_prefix(Ipv4Addr::LOCALHOST, 8)
-                    .input_interface("lo")
-                    .execute()
-                    .await
+                    .input_interface("lo");
+                req.message_mut().attributes.push(tag);
+                req.execute().await
             }
             (Family::V6, 0) => {
-                add.v6()
+                let mut req = add
+                    .v6()
                     .source_prefix(Ipv6Addr::LOCALHOST, 128)
-                    .input_interface("lo")
-                    .execute()
-                    .await
+                    .input_interface("lo");
+                req.message_mut().attributes.push(tag);
+                req.execute().await
             }
-            (Family::V4, mark) => add.v4().fw_mark(mark).execute().await,
-            (Family::V6, mark) => add.v6().fw_mark(mark).execute().await,
+            (Family::V4, mark) => {
+                let mut req = add.v4().fw_mark(mark);
+                req.message_mut().attributes.push(tag);
+                req.execute().await
+            }
+            (Family::V6, mark) => {
+                let mut req = add.v6().fw_mark(mark);
+                req.message_mut().attributes.push(tag);
+                req.execute().await
+            }
         };
         result.map_err(netlink(what))
     }
@@ -342,6 +467,7 @@ impl Routing {
                 .table_id(spec.table)
                 .kind(RouteType::Local)
                 .scope(RouteScope::Host)
+                .protocol(RouteProtocol::Other(MMPROXY_PROTOCOL))
                 .build(),
             Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
                 .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
@@ -349,11 +475,24 @@ impl Routing {
                 .table_id(spec.table)
                 .kind(RouteType::Local)
                 .scope(RouteScope::Host)
+                .protocol(RouteProtocol::Other(MMPROXY_PROTOCOL))
                 .build(),
         };
         route.header.address_family = f.address_family();
         route
     }
+}
+
+/// Added by `--setup-routes` (tagged with [`MMPROXY_PROTOCOL`]).
+fn rule_is_ours(r: &RuleMessage) -> bool {
+    r.attributes
+        .contains(&RuleAttribute::Protocol(RouteProtocol::Other(
+            MMPROXY_PROTOCOL,
+        )))
+}
+
+fn route_is_ours(r: &RouteMessage) -> bool {
+    r.header.protocol == RouteProtocol::Other(MMPROXY_PROTOCOL)
 }
 
 fn rule_table(r: &RuleMessage) -> u32 {

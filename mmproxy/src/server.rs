@@ -173,10 +173,17 @@ async fn setup_routes(config: &Config) -> Result<(Routing, Installed), StartErro
         .install_missing(spec)
         .await
         .map_err(StartError::Routes)?;
+    if installed.adopted > 0 {
+        info!(
+            adopted = installed.adopted,
+            "--setup-routes: took over routing an earlier run added (proto {}) and did not remove",
+            crate::routing::MMPROXY_PROTOCOL
+        );
+    }
     if installed.is_empty() {
         info!("--setup-routes: the routing was already in place");
     } else {
-        info!(added = ?installed, "--setup-routes: added the missing routing; it is removed at exit");
+        info!(routing = ?installed, "--setup-routes: the routing is ours; it is removed at exit");
     }
     Ok((routing, installed))
 }

@@ -247,6 +247,43 @@ fn a_second_sigterm_resets_at_once_and_still_cleans_up() {
 }
 
 #[test]
+fn a_restart_after_sigkill_takes_over_its_leftovers() {
+    let Some(_root) = netns_or_skip("a_restart_after_sigkill_takes_over_its_leftovers") else {
+        return;
+    };
+    let ns = Netns::without_routing();
+    let before = routing_listing(&ns);
+    let args = [&["-l", PROXY4, "--setup-routes"][..], &TARGETS].concat();
+    let mut killed = Daemon::start(&ns, &args);
+    killed.signal(rustix::process::Signal::KILL);
+    killed.wait_exit(Duration::from_secs(5));
+    let leftovers = routing_listing(&ns);
+    assert!(
+        leftovers.contains("proto 109"),
+        "tagged leftovers:\n{leftovers}"
+    );
+    let mut d = Daemon::start(&ns, &args);
+    d.wait_for_log(
+        "took over routing an earlier run added",
+        Duration::from_secs(2),
+    );
+    let rules = ns.ip_output(&["rule", "show"]) + &ns.ip_output(&["-6", "rule", "show"]);
+    assert_eq!(
+        rules.matches("lookup 123").count(),
+        2,
+        "one copy of each rule:\n{rules}"
+    );
+    assert_eq!(routing_listing(&ns), leftovers, "nothing added twice");
+    d.signal(rustix::process::Signal::TERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        routing_listing(&ns),
+        before,
+        "a clean exit removes them all"
+    );
+}
+
+#[test]
 fn mark_variant_is_checked_and_set_up() {
     let Some(_root) = netns_or_skip("mark_variant_is_checked_and_set_up") else {
         return;
