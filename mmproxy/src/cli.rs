@@ -201,6 +201,16 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_udp_sessions: u32,
 
+    /// UDP: most sessions one client address may hold (0: no cap); its
+    /// next new flow is dropped (counted) until one of its sessions ends,
+    /// so one client cannot push every other client out of the table.
+    #[arg(
+        long = "max-udp-sessions-per-client",
+        value_name = "N",
+        default_value_t = 4096
+    )]
+    pub max_udp_sessions_per_client: u32,
+
     /// Add the policy routing rules and routes that are missing (see
     /// `mmproxy check`) at start, and remove exactly those at exit.
     #[arg(long = "setup-routes")]
@@ -331,6 +341,7 @@ const LONG_FLAGS: &[&str] = &[
     "drain-timeout",
     "udp-header",
     "max-udp-sessions",
+    "max-udp-sessions-per-client",
     "setup-routes",
     "route-table",
     "metrics-addr",

@@ -50,6 +50,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub udp_header: UdpHeaderMode,
     pub max_udp_sessions: u32,
+    /// 0: no cap.
+    pub max_udp_sessions_per_client: u32,
     pub setup_routes: bool,
     pub route_table: u32,
     pub metrics_addr: Option<SocketAddr>,
@@ -109,6 +111,7 @@ impl Config {
             drain_timeout: Duration::from_secs(cli.drain_timeout_secs),
             udp_header: cli.udp_header,
             max_udp_sessions: cli.max_udp_sessions,
+            max_udp_sessions_per_client: cli.max_udp_sessions_per_client,
             setup_routes: cli.setup_routes,
             route_table: cli.route_table,
             metrics_addr: cli.metrics_addr,

@@ -340,7 +340,8 @@ fn ten_thousand_sessions() {
     let Some(ns) = netns_or_skip("ten_thousand_sessions") else {
         return;
     };
-    let d = start(&ns, &[]);
+    // All from one client address: above the default per-client share.
+    let d = start(&ns, &["--max-udp-sessions-per-client", "0"]);
     ns.run(async {
         let backend = UdpBackend::start(BACKEND4).await;
         let lb = balancer("127.0.0.1:0").await;
@@ -539,7 +540,12 @@ fn client_port_in_use_falls_back_or_is_refused() {
         return;
     };
     for (policy, expect_reply) in [("fallback", true), ("strict", false)] {
-        let d = start(&ns, &["--source-port", policy]);
+        // A port in use needs a local client address: loopback, refused by
+        // default (tests/policy.rs), so allowed here.
+        let d = start(
+            &ns,
+            &["--source-port", policy, "--allow-source", "127.0.0.0/8"],
+        );
         ns.run(async move {
             let backend = UdpBackend::start(BACKEND4).await;
             let occupied = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -635,4 +641,76 @@ fn mark_is_set_on_upstream_sockets() {
         1,
         "{line}"
     );
+}
+
+/// One client cannot hold more than its share of the table: its next new
+/// flow is dropped and counted, other clients still get sessions.
+#[test]
+fn one_client_cannot_take_the_whole_session_table() {
+    let Some(ns) = netns_or_skip("one_client_cannot_take_the_whole_session_table") else {
+        return;
+    };
+    let d = start(
+        &ns,
+        &[
+            "--max-udp-sessions",
+            "4",
+            "--max-udp-sessions-per-client",
+            "2",
+        ],
+    );
+    ns.run(async {
+        let backend = UdpBackend::start(BACKEND4).await;
+        let lb = balancer("127.0.0.1:0").await;
+        for port in [1, 2] {
+            let client = sa(&format!("192.0.2.1:{port}"));
+            let msg = datagram(&header::v2_dgram(client, sa(PROXY4)), b"a");
+            assert_eq!(exchange(&lb, sa(PROXY4), &msg).await.0, b"a");
+        }
+        let third = datagram(&header::v2_dgram(sa("192.0.2.1:3"), sa(PROXY4)), b"a3");
+        lb.send_to(&third, sa(PROXY4)).await.unwrap();
+        assert!(recv_within(&lb, Duration::from_millis(300)).await.is_none());
+        let other = datagram(&header::v2_dgram(sa("192.0.2.2:1"), sa(PROXY4)), b"b");
+        assert_eq!(exchange(&lb, sa(PROXY4), &other).await.0, b"b");
+        assert_eq!(backend.seen().len(), 3);
+    });
+    let line = exit_counters(d);
+    assert_eq!(
+        exit_map_count(&line, "session_errors", "client_limit"),
+        1,
+        "{line}"
+    );
+    assert_eq!(exit_counter(&line, "sessions_evicted"), 0, "{line}");
+}
+
+/// With --dynamic-destination one client talking to two services gets a
+/// session for each, so every datagram reaches the destination its header
+/// named.
+#[test]
+fn dynamic_destinations_are_separate_sessions() {
+    let Some(ns) = netns_or_skip("dynamic_destinations_are_separate_sessions") else {
+        return;
+    };
+    let _d = start(
+        &ns,
+        &[
+            "--dynamic-destination",
+            "--allowed-destinations",
+            "127.0.0.1/32:9000,9001",
+        ],
+    );
+    ns.run(async {
+        let first = UdpBackend::start("127.0.0.1:9000").await;
+        let second = UdpBackend::start("127.0.0.1:9001").await;
+        let lb = balancer("127.0.0.1:0").await;
+        let client = sa("192.0.2.7:5353");
+        for (dst, payload) in [("127.0.0.1:9000", b"one"), ("127.0.0.1:9001", b"two")] {
+            let msg = datagram(&header::v2_dgram(client, sa(dst)), payload);
+            assert_eq!(exchange(&lb, sa(PROXY4), &msg).await.0, payload);
+        }
+        assert_eq!(first.seen().len(), 1, "{:?}", first.seen());
+        assert_eq!(second.seen().len(), 1, "{:?}", second.seen());
+        assert_eq!(second.seen()[0].payload, b"two");
+        assert_eq!(second.seen()[0].from.ip(), client.ip());
+    });
 }

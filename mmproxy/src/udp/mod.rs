@@ -73,7 +73,10 @@ impl UdpProxy {
         allowed: Arc<ArcSwap<AllowedSubnets>>,
     ) -> Self {
         Self {
-            sessions: SessionTable::new(config.max_udp_sessions as usize),
+            sessions: SessionTable::new(
+                config.max_udp_sessions as usize,
+                config.max_udp_sessions_per_client as usize,
+            ),
             config,
             upstream,
             allowed,
@@ -220,6 +223,7 @@ impl UdpProxy {
         let key = SessionKey {
             frontend,
             client: route.source,
+            destination: self.config.dynamic_destination.then_some(route.backend),
         };
         if self.config.udp_header == UdpHeaderMode::First {
             self.sessions.remember_flow(key);
@@ -249,7 +253,15 @@ impl UdpProxy {
         {
             return existing;
         }
+        // A failed session being reopened already holds its place.
+        let reopening = existing.is_some();
         let route = route.or_else(|| existing.map(|s| s.route))?;
+        if !reopening && !self.sessions.client_has_room(&key) {
+            self.stats.session_error("client_limit");
+            debug!(client = ?key.client, cap = self.config.max_udp_sessions_per_client,
+                   "client has its share of UDP sessions; datagram dropped");
+            return None;
+        }
         let session = self.open(key, route, socket, meta)?;
         let (session, evicted) = self.sessions.insert(session);
         if !evicted.is_empty() {

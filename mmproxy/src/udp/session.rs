@@ -41,6 +41,10 @@ pub struct SessionKey {
     pub frontend: SocketAddr,
     /// `None` for LOCAL headers: the balancer's own traffic, not spoofed.
     pub client: Option<SocketAddr>,
+    /// With `--dynamic-destination`, the header's destination: one client
+    /// talking to two services is two sessions, never one that sends
+    /// everything to whichever destination came first. `None` otherwise.
+    pub destination: Option<SocketAddr>,
 }
 
 /// Milliseconds since the table was made: cheap to store in an atomic.
@@ -270,6 +274,9 @@ fn is_icmp_error(e: &io::Error) -> bool {
 pub struct SessionTable {
     inner: Mutex<Inner>,
     capacity: usize,
+    /// Most sessions one client address may hold (0: no cap), so one
+    /// client cannot push everyone else out of the table.
+    per_client: usize,
 }
 
 #[derive(Debug)]
@@ -279,17 +286,34 @@ struct Inner {
     /// `--udp-header first`: the session each balancer address:port
     /// announced in its last header.
     flows: HashMap<SocketAddr, SessionKey>,
+    /// Sessions per client address (spoofed sessions only).
+    per_client: HashMap<IpAddr, usize>,
 }
 
 impl SessionTable {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, per_client: usize) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 sessions: LruCache::unbounded(),
                 flows: HashMap::new(),
+                per_client: HashMap::new(),
             }),
             capacity,
+            per_client,
         }
+    }
+
+    /// Whether `key`'s client may open one more session.
+    pub fn client_has_room(&self, key: &SessionKey) -> bool {
+        let Some(client) = key.client else {
+            return true;
+        };
+        self.per_client == 0
+            || self
+                .lock()
+                .per_client
+                .get(&client.ip())
+                .is_none_or(|&n| n < self.per_client)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -333,14 +357,16 @@ impl SessionTable {
             return (existing, Vec::new());
         }
         let mut evicted = Vec::new();
-        if let Some(old) = inner.sessions.put(session.key, session.clone()) {
-            old.close();
+        match inner.sessions.put(session.key, session.clone()) {
+            Some(old) => old.close(),
+            None => inner.count(&session.key, true),
         }
         while inner.sessions.len() > self.capacity {
             let Some((_, old)) = inner.sessions.pop_lru() else {
                 break;
             };
             inner.forget_flow(&old.key);
+            inner.count(&old.key, false);
             old.close();
             evicted.push(old);
         }
@@ -360,6 +386,7 @@ impl SessionTable {
         for key in &expired {
             if let Some(session) = inner.sessions.pop(key) {
                 session.close();
+                inner.count(key, false);
             }
             inner.forget_flow(key);
         }
@@ -382,10 +409,25 @@ impl SessionTable {
         }
         inner.sessions.clear();
         inner.flows.clear();
+        inner.per_client.clear();
     }
 }
 
 impl Inner {
+    /// Keeps `per_client` in step with `sessions`.
+    fn count(&mut self, key: &SessionKey, added: bool) {
+        let Some(client) = key.client else { return };
+        let n = self.per_client.entry(client.ip()).or_default();
+        if added {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_client.remove(&client.ip());
+            }
+        }
+    }
+
     fn forget_flow(&mut self, key: &SessionKey) {
         if self.flows.get(&key.frontend) == Some(key) {
             self.flows.remove(&key.frontend);
@@ -413,6 +455,7 @@ mod tests {
         let key = SessionKey {
             frontend: "127.0.0.1:1000".parse().unwrap(),
             client: Some(SocketAddr::new("192.0.2.1".parse().unwrap(), client_port)),
+            destination: None,
         };
         let route = Route {
             backend: "127.0.0.1:9".parse().unwrap(),
@@ -432,7 +475,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_cap_evicts_the_least_recently_used() {
-        let (table, clock) = (SessionTable::new(2), Clock::new());
+        let (table, clock) = (SessionTable::new(2, 0), Clock::new());
         let (a, b, c) = (session(1, clock), session(2, clock), session(3, clock));
         assert!(table.insert(a.clone()).1.is_empty());
         assert!(table.insert(b.clone()).1.is_empty());
@@ -446,7 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_healthy_session_wins_a_race_and_a_failed_one_is_replaced() {
-        let (table, clock) = (SessionTable::new(10), Clock::new());
+        let (table, clock) = (SessionTable::new(10, 0), Clock::new());
         let (first, second) = (session(1, clock), session(1, clock));
         table.insert(first.clone());
         let (winner, _) = table.insert(second.clone());
@@ -461,7 +504,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_sessions_expire_with_their_flow() {
-        let (table, clock) = (SessionTable::new(10), Clock::new());
+        let (table, clock) = (SessionTable::new(10, 0), Clock::new());
         let (idle, busy) = (session(1, clock), session(2, clock));
         table.insert(idle.clone());
         table.insert(busy.clone());
@@ -477,5 +520,30 @@ mod tests {
             "the flow goes with its session"
         );
         assert!(idle.closed.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn one_client_is_capped_and_its_count_follows_the_table() {
+        let (table, clock) = (SessionTable::new(10, 2), Clock::new());
+        let (a, b, c) = (session(1, clock), session(2, clock), session(3, clock));
+        assert!(table.client_has_room(&a.key));
+        table.insert(a.clone());
+        table.insert(b.clone());
+        assert!(!table.client_has_room(&c.key), "192.0.2.1 holds 2 of 2");
+        a.last_active_ms.store(0, Relaxed);
+        b.last_active_ms.store(5_000, Relaxed);
+        assert_eq!(table.expire(6_000, Duration::from_secs(2)), 1);
+        assert!(
+            table.client_has_room(&c.key),
+            "the expired one is uncounted"
+        );
+        let local = SessionKey {
+            client: None,
+            ..c.key
+        };
+        assert!(
+            table.client_has_room(&local),
+            "LOCAL sessions are not a client's"
+        );
     }
 }
