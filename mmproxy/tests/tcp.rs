@@ -167,10 +167,13 @@ fn header_split_over_three_segments(mode: &'static str) {
     ns.run(async {
         let backend = Backend::start(BACKEND4, BackendKind::Echo).await;
         let client = sa("192.0.2.1:40005");
-        for hdr in [
+        for (done, hdr) in [
             header::v1(client, sa(PROXY4)),
             header::v2(client, sa(PROXY4)),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let mut s = TcpStream::connect(PROXY4).await.unwrap();
             s.set_nodelay(true).unwrap();
             let third = hdr.len() / 3;
@@ -181,7 +184,7 @@ fn header_split_over_three_segments(mode: &'static str) {
             assert_eq!(round_trip(&mut s, b"after split").await, b"after split");
             drop(s);
             // The same client port again: wait for the backend's close.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            backend.wait_for_ends(done + 1).await;
         }
         assert!(backend.peers().iter().all(|p| p.ip() == client.ip()));
     });
@@ -759,12 +762,12 @@ fn sigterm_stops_accepting_and_drains(mode: &'static str) {
             .await
             .unwrap()
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        // New connections are refused, the open one still works.
-        assert!(
-            TcpStream::connect(PROXY4).await.is_err(),
-            "listener still open"
-        );
+        // New connections are refused (soon), the open one still works.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(PROXY4).await.is_ok() {
+            assert!(Instant::now() < deadline, "listener still open after 5 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(round_trip(&mut s, b"during drain").await, b"during drain");
         drop(s);
         std::future::pending::<()>().await;
@@ -806,10 +809,21 @@ fn emfile_storm_is_survived(mode: &'static str) {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         drop(storm);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let mut s =
-            connect_with_header(sa(PROXY4), &header::v1(sa("192.0.2.1:40020"), sa(PROXY4))).await;
-        assert_eq!(round_trip(&mut s, b"alive").await, b"alive");
+        // Served again once the storm's descriptors are closed (the accept
+        // back-off is at most 1 s).
+        let alive = sa("192.0.2.1:40020");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut s = connect_with_header(sa(PROXY4), &header::v1(alive, sa(PROXY4))).await;
+                round_trip(&mut s, b"alive").await
+            })
+            .await;
+            if attempt.as_deref() == Ok(b"alive".as_slice()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not served 10 s after the storm");
+        }
         assert!(backend.peers().contains(&sa("192.0.2.1:40020")));
     });
     d.wait_for_log("backing off", Duration::from_secs(1));

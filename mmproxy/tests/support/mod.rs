@@ -614,6 +614,19 @@ impl Backend {
     }
 
     /// Waits until `n` connections have been accepted.
+    /// Waits until `n` connections have ended at the backend.
+    pub async fn wait_for_ends(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.ends().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "backend saw {} of {n} connections end",
+                self.ends().len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn wait_for_peers(&self, n: usize) -> Vec<SocketAddr> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
