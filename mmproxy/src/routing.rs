@@ -37,10 +37,23 @@ use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 /// `--setup-routes` adds (unassigned in iproute2's `rt_protos`).
 pub const MMPROXY_PROTOCOL: u8 = 109;
 
-/// Where the per-namespace owner locks live.
+/// Where the per-namespace owner locks live without systemd's
+/// `RuntimeDirectory=` (which sets `$RUNTIME_DIRECTORY`, writable by a
+/// `DynamicUser`).
 const LOCK_DIR: &str = "/run/mmproxy";
 
-/// An exclusive `flock` on `/run/mmproxy/routes-<netns inode>-<table>.lock`:
+fn lock_dir() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|dirs| {
+            // systemd separates several directories with ':'.
+            let first = dirs.to_str()?.split(':').next()?.to_owned();
+            (!first.is_empty()).then(|| PathBuf::from(first))
+        })
+        .unwrap_or_else(|| PathBuf::from(LOCK_DIR))
+}
+
+/// An exclusive `flock` on `routes-<netns inode>-<table>.lock` in
+/// `$RUNTIME_DIRECTORY` or `/run/mmproxy`:
 /// whoever holds it manages the tagged routing of that namespace and
 /// table. The kernel drops it when its holder dies, however it dies.
 #[derive(Debug)]
@@ -55,8 +68,9 @@ impl OwnerLock {
         let netns = fs::metadata("/proc/self/ns/net")
             .map_err(|e| RoutingError::Lock(PathBuf::from("/proc/self/ns/net"), e))?
             .ino();
-        fs::create_dir_all(LOCK_DIR).map_err(|e| RoutingError::Lock(LOCK_DIR.into(), e))?;
-        let path = PathBuf::from(format!("{LOCK_DIR}/routes-{netns}-{table}.lock"));
+        let dir = lock_dir();
+        fs::create_dir_all(&dir).map_err(|e| RoutingError::Lock(dir.clone(), e))?;
+        let path = dir.join(format!("routes-{netns}-{table}.lock"));
         let file = File::options()
             .create(true)
             .truncate(false)
@@ -214,7 +228,7 @@ pub enum RoutingError {
     #[error("cannot take the routing owner lock {0}")]
     Lock(PathBuf, #[source] std::io::Error),
     #[error(
-        "another mmproxy in this network namespace manages the --setup-routes routing (it holds the lock in /run/mmproxy), yet this is missing: {0}"
+        "another mmproxy in this network namespace manages the --setup-routes routing (it holds the lock in $RUNTIME_DIRECTORY or /run/mmproxy), yet this is missing: {0}"
     )]
     NotOwner(String),
 }
