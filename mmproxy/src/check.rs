@@ -13,7 +13,7 @@ use crate::{
     bpf::Datapath,
     cli::{Mode, SourcePortPolicy},
     config::Config,
-    connection::error_chain,
+    error::error_chain,
     routing::{Piece, Routing, RoutingSpec},
     upstream::{self, UpstreamOptions},
 };

@@ -16,7 +16,7 @@ use tracing::{debug, trace, warn};
 
 use crate::{
     config::Config,
-    error::Side,
+    error::{Side, error_chain},
     forward::{self, Connection, ForwardError, Forwarder, ResetOnPanic, Transferred},
     limits::{HeaderGate, SourceCounter},
     metrics::Metrics,
@@ -297,16 +297,4 @@ async fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> 
             other => return other,
         }
     }
-}
-
-/// "a: b: c" from an error and its sources, for one-line logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     let config = match Config::from_cli(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("mmproxy: {}", mmproxy::connection::error_chain(&e));
+            eprintln!("mmproxy: {}", mmproxy::error::error_chain(&e));
             return ExitCode::from(2);
         }
     };

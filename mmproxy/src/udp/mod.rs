@@ -30,7 +30,7 @@ use self::{
 use crate::{
     cli::UdpHeaderMode,
     config::{AllowedSubnets, Config},
-    connection::error_chain,
+    error::error_chain,
     policy::{LogLimiter, REFUSAL_LOG_INTERVAL, Route},
     proxy_protocol::{self, Status, Transport},
     upstream::{self, UpstreamOptions},
