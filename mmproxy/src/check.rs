@@ -11,10 +11,9 @@ use std::{
 
 use crate::{
     bpf::Datapath,
-    cli::{Mode, SourcePortPolicy},
-    config::Config,
+    config::{Config, Mode, SourcePortPolicy},
     error::error_chain,
-    routing::{Piece, Routing, RoutingSpec},
+    routing::{Piece, Routing},
     upstream::{self, UpstreamOptions},
 };
 
@@ -54,16 +53,9 @@ const PROBE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
 const PROBE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn routing_spec(config: &Config) -> RoutingSpec {
-    RoutingSpec {
-        table: config.route_table,
-        mark: config.mark,
-    }
-}
-
 /// The routing pieces, each present or not.
 pub async fn routing(config: &Config) -> Vec<CheckLine> {
-    let spec = routing_spec(config);
+    let spec = config.routing_spec();
     let routing = match Routing::connect().await {
         Ok(r) => r,
         Err(e) => {

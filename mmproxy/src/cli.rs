@@ -10,6 +10,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf};
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
+use crate::config::{Mode, Protocols, SourcePortPolicy, UdpHeaderMode};
 use crate::policy::DestinationRule;
 
 /// Preserves client addresses behind PROXY-protocol load balancers.
@@ -240,36 +241,6 @@ pub struct Cli {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// Which UDP datagrams carry a PROXY header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum UdpHeaderMode {
-    Every,
-    First,
-}
-
-/// Which protocols to serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Protocols {
-    pub tcp: bool,
-    pub udp: bool,
-}
-
-/// The TCP data path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    Auto,
-    Ebpf,
-    Plain,
-}
-
-/// What to do when the client's source port cannot be used upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SourcePortPolicy {
-    Fallback,
-    Strict,
-    Ephemeral,
 }
 
 fn parse_protocols(s: &str) -> Result<Protocols, String> {

@@ -9,9 +9,13 @@ use std::{
 
 use ipnet::IpNet;
 
+use clap::ValueEnum;
+
 use crate::{
-    cli::{Cli, Mode, Protocols, SourcePortPolicy, UdpHeaderMode},
+    cli::Cli,
     policy::{Policy, SourceOverrides},
+    routing::RoutingSpec,
+    upstream::UpstreamOptions,
 };
 
 /// Everything the proxy needs, checked once at start-up.
@@ -119,11 +123,58 @@ impl Config {
         })
     }
 
+    /// How upstream sockets are made: mark, source port, connect timeout.
+    pub fn upstream_options(&self) -> UpstreamOptions {
+        UpstreamOptions {
+            mark: self.mark,
+            source_port: self.source_port,
+            connect_timeout: self.connect_timeout,
+        }
+    }
+
+    /// The policy routing the flags need (`mmproxy check`, `--setup-routes`).
+    pub fn routing_spec(&self) -> RoutingSpec {
+        RoutingSpec {
+            table: self.route_table,
+            mark: self.mark,
+        }
+    }
+
     /// Whether anyone who reaches a non-loopback listener may choose the
     /// source address the backend sees: no `--allowed-subnets`.
     pub fn listens_openly(&self) -> bool {
         self.allowed_subnets.is_empty() && !self.listen.ip().to_canonical().is_loopback()
     }
+}
+
+/// Which UDP datagrams carry a PROXY header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UdpHeaderMode {
+    Every,
+    First,
+}
+
+/// Which protocols to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protocols {
+    pub tcp: bool,
+    pub udp: bool,
+}
+
+/// The TCP data path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Auto,
+    Ebpf,
+    Plain,
+}
+
+/// What to do when the client's source port cannot be used upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourcePortPolicy {
+    Fallback,
+    Strict,
+    Ephemeral,
 }
 
 /// Why the configuration was refused.

@@ -17,8 +17,7 @@ use tracing::{info, warn};
 use crate::{
     bpf::Datapath,
     check,
-    cli::Mode,
-    config::{AllowedSubnets, Config},
+    config::{AllowedSubnets, Config, Mode},
     connection::TcpProxy,
     error::error_chain,
     forward::{Forwarder, sockmap::SockmapForwarder, splice::SpliceForwarder},
@@ -126,11 +125,7 @@ async fn serve(
         allowed.clone(),
         shutdown.drain.clone(),
     ));
-    let upstream = UpstreamOptions {
-        mark: config.mark,
-        source_port: config.source_port,
-        connect_timeout: config.connect_timeout,
-    };
+    let upstream = config.upstream_options();
     let loops = TaskTracker::new();
     let tcp = if config.protocols.tcp {
         let ctx = start_tcp(config, upstream, &allowed, metrics, &loops, &shutdown.drain)?;
@@ -168,7 +163,7 @@ async fn serve(
 
 /// `--setup-routes`: adds what is missing, remembering it for the exit.
 async fn setup_routes(config: &Config) -> Result<(Routing, Installed), StartError> {
-    let spec = check::routing_spec(config);
+    let spec = config.routing_spec();
     let routing = Routing::connect().await.map_err(StartError::Routes)?;
     let installed = routing
         .install_missing(spec)

@@ -28,8 +28,7 @@ use self::{
     stats::{UdpStats, inc},
 };
 use crate::{
-    cli::UdpHeaderMode,
-    config::{AllowedSubnets, Config},
+    config::{AllowedSubnets, Config, UdpHeaderMode},
     error::error_chain,
     policy::{LogLimiter, REFUSAL_LOG_INTERVAL, Route},
     proxy_protocol::{self, Status, Transport},
