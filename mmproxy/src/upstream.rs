@@ -113,10 +113,7 @@ pub async fn connect(
         let socket = new_socket(backend, opts, false)?;
         return finish(socket, backend, opts, false).await;
     };
-    let wanted = match opts.source_port {
-        SourcePortPolicy::Ephemeral => SocketAddr::new(source.ip(), 0),
-        SourcePortPolicy::Fallback | SourcePortPolicy::Strict => source,
-    };
+    let wanted = first_choice(source, opts.source_port);
     let socket = new_socket(backend, opts, true)?;
     match bind(&socket, wanted) {
         Ok(()) => {}
@@ -142,13 +139,29 @@ async fn retry_with_ephemeral_port(
     source: SocketAddr,
     opts: &UpstreamOptions,
 ) -> Result<Upstream, UpstreamError> {
-    if opts.source_port == SourcePortPolicy::Strict {
-        return Err(UpstreamError::SourcePortInUse { addr: source });
-    }
+    let ephemeral = fallback(source, opts.source_port)?;
     debug!(%source, %backend, "client source port unavailable upstream, using an ephemeral port");
     let socket = new_socket(backend, opts, true)?;
-    bind(&socket, SocketAddr::new(source.ip(), 0))?;
+    bind(&socket, ephemeral)?;
     finish(socket, backend, opts, true).await
+}
+
+/// The source to bind first under `policy`: the client's own ip:port, or
+/// with `ephemeral` its IP and any port.
+fn first_choice(source: SocketAddr, policy: SourcePortPolicy) -> SocketAddr {
+    match policy {
+        SourcePortPolicy::Ephemeral => SocketAddr::new(source.ip(), 0),
+        SourcePortPolicy::Fallback | SourcePortPolicy::Strict => source,
+    }
+}
+
+/// After the client's port proved unusable: its IP with an ephemeral port,
+/// or under `strict` the refusal. TCP and UDP share this rule.
+fn fallback(source: SocketAddr, policy: SourcePortPolicy) -> Result<SocketAddr, UpstreamError> {
+    if policy == SourcePortPolicy::Strict {
+        return Err(UpstreamError::SourcePortInUse { addr: source });
+    }
+    Ok(SocketAddr::new(source.ip(), 0))
 }
 
 fn is_port_in_use(e: &io::Error) -> bool {
@@ -261,16 +274,10 @@ pub fn connect_udp(
     source: Option<SocketAddr>,
     opts: &UpstreamOptions,
 ) -> Result<UdpUpstream, UpstreamError> {
-    let wanted = source.map(|source| match opts.source_port {
-        SourcePortPolicy::Ephemeral => SocketAddr::new(source.ip(), 0),
-        SourcePortPolicy::Fallback | SourcePortPolicy::Strict => source,
-    });
+    let wanted = source.map(|source| first_choice(source, opts.source_port));
     match open_udp(backend, wanted, opts) {
         Err(UpstreamError::Bind { source: e, addr }) if addr.port() != 0 && is_port_in_use(&e) => {
-            if opts.source_port == SourcePortPolicy::Strict {
-                return Err(UpstreamError::SourcePortInUse { addr });
-            }
-            let mut up = open_udp(backend, Some(SocketAddr::new(addr.ip(), 0)), opts)?;
+            let mut up = open_udp(backend, Some(fallback(addr, opts.source_port)?), opts)?;
             up.fell_back = true;
             Ok(up)
         }

@@ -170,6 +170,16 @@ pub fn reset_on_close(stream: &impl AsFd) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// Forwards a FIN: half-closes `stream` for writing. A peer that is
+/// already gone (`ENOTCONN`) is not an error here: its own direction
+/// reports that.
+pub(crate) fn shutdown_write(stream: &impl AsFd) -> io::Result<()> {
+    match SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        other => other,
+    }
+}
+
 /// Resets the socket opposite to the one that failed.
 pub(crate) fn mirror_failure(failed: Side, client: &impl AsFd, upstream: &impl AsFd) {
     match failed {

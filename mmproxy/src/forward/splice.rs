@@ -114,16 +114,8 @@ impl SpliceForwarder {
             Err(_) => copy_until_eof(src, dst, src_side, dst_side).await?,
         };
         // Propagate the FIN; the other direction keeps flowing.
-        tcp_shutdown_write(dst).map_err(|e| (dst_side, e))?;
+        super::shutdown_write(dst).map_err(|e| (dst_side, e))?;
         Ok(moved)
-    }
-}
-
-fn tcp_shutdown_write(stream: &TcpStream) -> io::Result<()> {
-    match socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
-        // The peer may already be gone; its own direction reports that.
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
-        other => other,
     }
 }
 

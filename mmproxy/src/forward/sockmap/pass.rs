@@ -174,12 +174,9 @@ impl Direction<'_> {
 
     /// Half-closes the destination; returns `delivered`.
     fn forward_fin(&self, delivered: u64) -> Result<u64, SockmapError> {
-        match socket2::SockRef::from(&self.dst.stream).shutdown(std::net::Shutdown::Write) {
-            Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => {
-                Err(SockmapError::io(self.dst.side, e))
-            }
-            _ => Ok(delivered),
-        }
+        crate::forward::shutdown_write(&self.dst.stream)
+            .map_err(|e| SockmapError::io(self.dst.side, e))?;
+        Ok(delivered)
     }
 
     /// Reads passed bytes until the source's EOF and until every byte TCP
