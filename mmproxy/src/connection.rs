@@ -298,3 +298,224 @@ async fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> 
         }
     }
 }
+
+/// The connection's life without root: LOCAL headers connect unspoofed,
+/// so header handling, deadlines, eviction, connect errors, forwarding,
+/// half-close and the drain reset run in-process on loopback, under
+/// `cargo test` as any user. (Spoofing itself needs `IP_TRANSPARENT`:
+/// tests/tcp.rs, in network namespaces.)
+#[cfg(test)]
+mod tests {
+    use std::io::ErrorKind;
+
+    use clap::Parser as _;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+    use crate::{
+        cli::Cli, forward::splice::SpliceForwarder, policy::REFUSAL_LOG_INTERVAL,
+        proxy_protocol::V2Builder as Builder,
+    };
+
+    /// A connected pair: (the proxy's accepted end, the client's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (accepted, client)
+    }
+
+    fn local_header() -> Vec<u8> {
+        Builder::local().build().unwrap()
+    }
+
+    fn proxy_to(backend: SocketAddr, extra: &[&str]) -> TcpProxy {
+        let target = backend.to_string();
+        let mut args = vec!["mmproxy", "-4", target.as_str(), "--header-timeout", "5"];
+        args.extend_from_slice(extra);
+        let config = Config::from_cli(&Cli::try_parse_from(args).unwrap()).unwrap();
+        TcpProxy {
+            upstream: config.upstream_options(),
+            header_gate: HeaderGate::new(config.max_pending_headers as usize),
+            sources: SourceCounter::new(config.max_conns_per_source),
+            config: Arc::new(config),
+            forwarder: Forwarder::Plain(SpliceForwarder::new()),
+            metrics: Arc::default(),
+            abort: CancellationToken::new(),
+            refusal_log: LogLimiter::new(REFUSAL_LOG_INTERVAL),
+        }
+    }
+
+    /// An echo backend on loopback: its address.
+    async fn echo_backend() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_header_in_pieces_is_read_and_what_follows_is_payload() {
+        let (proxy_end, mut client) = pair().await;
+        let header = local_header();
+        let writer = tokio::spawn(async move {
+            for piece in header.chunks(5) {
+                client.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client.write_all(b"payload").await.unwrap();
+            client
+        });
+        let never = CancellationToken::new();
+        let (action, buf, consumed) = read_header(&proxy_end, Duration::from_secs(5), &never)
+            .await
+            .unwrap();
+        assert_eq!(action, Action::Direct);
+        assert_eq!(consumed, local_header().len());
+        drop(writer.await.unwrap());
+        // The payload may or may not have arrived with the last piece.
+        assert!(b"payload".starts_with(&buf[consumed..]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_hits_the_deadline_with_the_bytes_counted() {
+        let (proxy_end, mut client) = pair().await;
+        client.write_all(b"PROXY TCP4 ").await.unwrap();
+        let never = CancellationToken::new();
+        let err = read_header(&proxy_end, Duration::from_secs(5), &never)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, HeaderError::Timeout { received: 11, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.label(), "timeout");
+    }
+
+    #[tokio::test]
+    async fn garbage_an_early_close_and_an_eviction_end_the_wait() {
+        let never = CancellationToken::new();
+        let (proxy_end, mut client) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let err = read_header(&proxy_end, Duration::from_secs(5), &never)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HeaderError::Invalid(_)), "{err:?}");
+
+        let (proxy_end, mut client) = pair().await;
+        client.write_all(b"PROXY").await.unwrap();
+        drop(client);
+        let err = read_header(&proxy_end, Duration::from_secs(5), &never)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, HeaderError::Closed { received: 5 }),
+            "{err:?}"
+        );
+
+        let (proxy_end, _client) = pair().await;
+        let evicted = CancellationToken::new();
+        evicted.cancel();
+        let err = read_header(&proxy_end, Duration::from_secs(5), &evicted)
+            .await
+            .unwrap_err();
+        assert_eq!(err.label(), "evicted");
+    }
+
+    #[tokio::test]
+    async fn a_local_connection_is_forwarded_half_closed_and_counted() {
+        let proxy = proxy_to(echo_backend().await, &[]);
+        let (proxy_end, mut client) = pair().await;
+        let peer = client.local_addr().unwrap();
+        let handled = tokio::spawn(async move {
+            proxy.handle(proxy_end, peer).await;
+            proxy
+        });
+        client.write_all(&local_header()).await.unwrap();
+        client.write_all(b"hello").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut echoed = Vec::new();
+        client.read_to_end(&mut echoed).await.unwrap();
+        assert_eq!(echoed, b"hello");
+        let proxy = handled.await.unwrap();
+        let to_backend = proxy
+            .metrics
+            .tcp_forwarded_bytes
+            .get_or_create(&vec![
+                ("datapath", "plain".to_owned()),
+                ("direction", "to_backend".to_owned()),
+            ])
+            .get();
+        assert_eq!(to_backend, 5);
+        assert_eq!(proxy.metrics.tcp_active.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refusing_backend_resets_the_client_and_is_counted() {
+        // A port that was free a moment ago: nothing listens there.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let proxy = proxy_to(closed, &[]);
+        let (proxy_end, mut client) = pair().await;
+        client.write_all(&local_header()).await.unwrap();
+        proxy.handle(proxy_end, client.local_addr().unwrap()).await;
+        let mut buf = [0u8; 8];
+        let end = client.read(&mut buf).await.map_err(|e| e.kind());
+        assert_eq!(end, Err(ErrorKind::ConnectionReset));
+        let refused = proxy
+            .metrics
+            .tcp_rejected
+            .get_or_create(&vec![("reason", "upstream".to_owned())])
+            .get();
+        assert_eq!(refused, 1);
+    }
+
+    #[tokio::test]
+    async fn the_drain_timeout_resets_a_connection_still_open() {
+        let proxy = Arc::new(proxy_to(echo_backend().await, &[]));
+        let (proxy_end, mut client) = pair().await;
+        let peer = client.local_addr().unwrap();
+        let running = proxy.clone();
+        let handled = tokio::spawn(async move { running.handle(proxy_end, peer).await });
+        client.write_all(&local_header()).await.unwrap();
+        client.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        client.read_exact(&mut one).await.unwrap();
+        proxy.abort.cancel();
+        handled.await.unwrap();
+        let end = client.read(&mut one).await.map_err(|e| e.kind());
+        assert_eq!(end, Err(ErrorKind::ConnectionReset));
+    }
+
+    #[tokio::test]
+    async fn local_headers_are_refused_when_not_allowed() {
+        let proxy = proxy_to(echo_backend().await, &["--allow-local", "false"]);
+        let (proxy_end, mut client) = pair().await;
+        client.write_all(&local_header()).await.unwrap();
+        proxy.handle(proxy_end, client.local_addr().unwrap()).await;
+        let mut buf = [0u8; 8];
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+        let refused = proxy
+            .metrics
+            .tcp_policy_refusals
+            .get_or_create(&vec![("reason", "local".to_owned())])
+            .get();
+        assert_eq!(refused, 1);
+    }
+}
