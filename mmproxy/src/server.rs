@@ -15,12 +15,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    bpf::Datapath,
     check,
-    config::{AllowedSubnets, Config, Mode},
+    config::{AllowedSubnets, Config},
     connection::TcpProxy,
     error::error_chain,
-    forward::{Forwarder, sockmap::SockmapForwarder, splice::SpliceForwarder},
+    forward::Forwarder,
     limits::{HeaderGate, SourceCounter},
     listener::{self, AcceptContext, ListenError, ListenOptions},
     metrics::{self, LiveCounters, Metrics},
@@ -130,8 +129,8 @@ async fn serve(
     let tcp = if config.protocols.tcp {
         let ctx = start_tcp(config, upstream, &allowed, metrics, &loops, &shutdown.drain)?;
         let _ = live.mode.set(ctx.proxy.forwarder.name());
-        if let Forwarder::Ebpf(f) = &ctx.proxy.forwarder {
-            let _ = live.datapath.set(f.stats());
+        if let Some(stats) = ctx.proxy.forwarder.datapath_stats() {
+            let _ = live.datapath.set(stats);
         }
         Some(ctx)
     } else {
@@ -234,7 +233,8 @@ fn start_tcp(
     loops: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<AcceptContext, StartError> {
-    let forwarder = choose_forwarder(config.mode, config.ebpf_max_backlog)?;
+    let forwarder = Forwarder::for_mode(config.mode, config.ebpf_max_backlog)
+        .map_err(|e| StartError::EbpfUnavailable(error_chain(&e)))?;
     let sockets = listener::bind_sockets(&listen_options(config))?;
     let ctx = AcceptContext {
         proxy: Arc::new(TcpProxy {
@@ -334,33 +334,8 @@ async fn drain_tcp(
         ctx.proxy.abort.cancel();
         let _ = tokio::time::timeout(ABORT_GRACE, ctx.connections.wait()).await;
     }
-    if let Forwarder::Ebpf(f) = &ctx.proxy.forwarder {
-        let counters = f.stats().counters();
+    if let Some(stats) = ctx.proxy.forwarder.datapath_stats() {
+        let counters = stats.counters();
         info!(?counters, "ebpf data path counters at exit");
-    }
-}
-
-fn choose_forwarder(mode: Mode, ebpf_max_backlog: u64) -> Result<Forwarder, StartError> {
-    match mode {
-        Mode::Plain => Ok(Forwarder::Plain(SpliceForwarder::new())),
-        Mode::Auto => {
-            // ebpf passes the strict soak on this kernel, but it is slower
-            // than plain and costs more CPU per byte
-            // (docs/ebpf-datapath.md): not the default until it is not.
-            info!(
-                "mode auto: using plain; --mode ebpf is opt-in: it is slower than plain on \
-                 this kernel (docs/ebpf-datapath.md)"
-            );
-            Ok(Forwarder::Plain(SpliceForwarder::new()))
-        }
-        Mode::Ebpf => {
-            let datapath =
-                Datapath::load().map_err(|e| StartError::EbpfUnavailable(error_chain(&e)))?;
-            info!("mode ebpf: verdict program attached");
-            Ok(Forwarder::Ebpf(SockmapForwarder::new(
-                Arc::new(datapath),
-                ebpf_max_backlog,
-            )))
-        }
     }
 }

@@ -25,7 +25,16 @@ use bytes::Bytes;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-use crate::{error::Side, limits::IdleWatch};
+use std::sync::Arc;
+
+use tracing::info;
+
+use crate::{
+    bpf::{Datapath, LoadError},
+    config::Mode,
+    error::Side,
+    limits::IdleWatch,
+};
 
 /// A proxied connection, ready to forward.
 #[derive(Debug)]
@@ -114,6 +123,39 @@ impl Forwarder {
             source: io::Error::other(cut),
             transferred: Transferred::default(),
         })
+    }
+
+    /// The data path `--mode` asks for. `auto` is plain: ebpf mode passes
+    /// the strict soak only with a tolerance and is slower and dearer than
+    /// plain on this kernel (docs/ebpf-datapath.md). ebpf loads and
+    /// attaches the BPF programs, or says why it cannot.
+    pub fn for_mode(mode: Mode, ebpf_max_backlog: u64) -> Result<Self, LoadError> {
+        match mode {
+            Mode::Plain => Ok(Forwarder::Plain(splice::SpliceForwarder::new())),
+            Mode::Auto => {
+                info!(
+                    "mode auto: using plain; --mode ebpf is opt-in: it is slower than plain on \
+                     this kernel (docs/ebpf-datapath.md)"
+                );
+                Ok(Forwarder::Plain(splice::SpliceForwarder::new()))
+            }
+            Mode::Ebpf => {
+                let datapath = Datapath::load()?;
+                info!("mode ebpf: verdict program attached");
+                Ok(Forwarder::Ebpf(sockmap::SockmapForwarder::new(
+                    Arc::new(datapath),
+                    ebpf_max_backlog,
+                )))
+            }
+        }
+    }
+
+    /// The in-kernel data path's counters (ebpf mode only).
+    pub fn datapath_stats(&self) -> Option<sockmap::DatapathStats> {
+        match self {
+            Forwarder::Plain(_) => None,
+            Forwarder::Ebpf(f) => Some(f.stats()),
+        }
     }
 
     /// `plain` or `ebpf`, for logs and metrics.
