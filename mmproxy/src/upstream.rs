@@ -213,6 +213,10 @@ fn new_raw_socket(
 }
 
 fn bind(socket: &Socket, addr: SocketAddr) -> Result<(), UpstreamError> {
+    if addr.port() == 0 && socket.r#type().is_ok_and(|t| t == Type::STREAM) {
+        // Best effort: without it the bind still works, only slower.
+        let _ = sockopt::set_bind_address_no_port(socket);
+    }
     socket
         .bind(&addr.into())
         .map_err(|source| UpstreamError::Bind { addr, source })

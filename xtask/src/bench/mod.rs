@@ -87,16 +87,20 @@ pub(crate) enum Workload {
     Bulk,
     RequestResponse,
     ConnectionsPerSecond,
+    /// The same, with mmproxy's `--source-port ephemeral` (client IP, any
+    /// port): the bind path of `usesrc clientip` in `HAProxy`.
+    ConnectionsEphemeralPort,
     Udp64,
     Udp1400,
 }
 
 impl Workload {
-    const ALL: [Workload; 6] = [
+    const ALL: [Workload; 7] = [
         Workload::Flood,
         Workload::Bulk,
         Workload::RequestResponse,
         Workload::ConnectionsPerSecond,
+        Workload::ConnectionsEphemeralPort,
         Workload::Udp64,
         Workload::Udp1400,
     ];
@@ -107,6 +111,7 @@ impl Workload {
             Workload::Bulk => "bulk (1 conn)",
             Workload::RequestResponse => "request/response (10 conns, 64 B)",
             Workload::ConnectionsPerSecond => "new connections (16 at a time)",
+            Workload::ConnectionsEphemeralPort => "new connections, --source-port ephemeral",
             Workload::Udp64 => "UDP 64 B (16 flows)",
             Workload::Udp1400 => "UDP 1400 B (16 flows)",
         }
@@ -117,7 +122,7 @@ impl Workload {
             Workload::Flood => vec!["flood"],
             Workload::Bulk => vec!["bulk"],
             Workload::RequestResponse => vec!["rr"],
-            Workload::ConnectionsPerSecond => vec!["cps"],
+            Workload::ConnectionsPerSecond | Workload::ConnectionsEphemeralPort => vec!["cps"],
             Workload::Udp64 => vec!["udp", "--size", "64"],
             Workload::Udp1400 => vec!["udp", "--size", "1400"],
         }
@@ -133,14 +138,30 @@ impl Workload {
             Workload::Flood => ("down_mbit_s", "Mbit/s echoed"),
             Workload::Bulk => ("gbit_s", "Gbit/s"),
             Workload::RequestResponse => ("requests_s", "requests/s"),
-            Workload::ConnectionsPerSecond => ("connections_s", "connections/s"),
+            Workload::ConnectionsPerSecond | Workload::ConnectionsEphemeralPort => {
+                ("connections_s", "connections/s")
+            }
             Workload::Udp64 | Workload::Udp1400 => ("round_trips_s", "datagrams/s (round trips)"),
         }
     }
 
-    /// Which subjects run it: ebpf mode changes only the TCP data path.
+    /// Which subjects run it: ebpf mode changes only the TCP data path;
+    /// the source-port row compares mmproxy with itself and direct.
     fn runs_on(self, subject: Subject) -> bool {
-        !(self.is_udp() && subject == Subject::Ebpf)
+        match self {
+            Workload::ConnectionsEphemeralPort => {
+                matches!(subject, Subject::Direct | Subject::Plain)
+            }
+            _ => !(self.is_udp() && subject == Subject::Ebpf),
+        }
+    }
+
+    /// Daemon flags this workload adds to mmproxy's.
+    fn mmproxy_args(self) -> &'static [&'static str] {
+        match self {
+            Workload::ConnectionsEphemeralPort => &["--source-port", "ephemeral"],
+            _ => &[],
+        }
     }
 }
 
@@ -282,7 +303,10 @@ fn run_cell(
             } else {
                 "ebpf"
             };
-            Some(ns.spawn(&bin.mmproxy, &[&proxy_args[..], &["--mode", mode]].concat())?)
+            Some(ns.spawn(
+                &bin.mmproxy,
+                &[&proxy_args[..], &["--mode", mode], workload.mmproxy_args()].concat(),
+            )?)
         }
         Subject::GoMmproxy => {
             let go = bin.go_mmproxy.as_ref().context("go-mmproxy missing")?;

@@ -192,7 +192,10 @@ fn table(md: &mut String, results: &Results, subjects: &[Subject], w: Workload) 
 /// The targets, each judged on this run's medians.
 fn targets(md: &mut String, r: &Results) -> Result<()> {
     use Subject::{Direct, Ebpf, GoMmproxy, Plain};
-    use Workload::{Bulk, ConnectionsPerSecond, Flood, RequestResponse, Udp64, Udp1400};
+    use Workload::{
+        Bulk, ConnectionsEphemeralPort, ConnectionsPerSecond, Flood, RequestResponse, Udp64,
+        Udp1400,
+    };
     let flood = |s| median_of(r, Flood, s, "down_mbit_s");
     let p99 = |s| median_of(r, RequestResponse, s, "p99_us");
     let cps = |s| median_of(r, ConnectionsPerSecond, s, "connections_s");
@@ -222,6 +225,14 @@ fn targets(md: &mut String, r: &Results) -> Result<()> {
             "request/response p99: ebpf <= 1.5x direct",
             ratio(p99(Ebpf), p99(Direct)),
             false,
+        ),
+        (
+            "connections/s: --source-port ephemeral >= 1.0x the default (plain)",
+            ratio(
+                median_of(r, ConnectionsEphemeralPort, Plain, "connections_s"),
+                cps(Plain),
+            ),
+            true,
         ),
         (
             "connections/s: plain >= 1.2x go-mmproxy",
@@ -358,6 +369,7 @@ fn short_name(w: Workload) -> &'static str {
         Workload::Bulk => "bulk",
         Workload::RequestResponse => "req/resp",
         Workload::ConnectionsPerSecond => "conn/s",
+        Workload::ConnectionsEphemeralPort => "conn/s eph.",
         Workload::Udp64 => "UDP 64 B",
         Workload::Udp1400 => "UDP 1400 B",
     }
