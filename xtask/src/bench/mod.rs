@@ -66,6 +66,8 @@ pub(crate) enum Subject {
     Plain,
     Ebpf,
     GoMmproxy,
+    /// `HAProxy` with `accept-proxy` and `usesrc clientip` (bench/haproxy.cfg).
+    Haproxy,
 }
 
 impl Subject {
@@ -75,6 +77,7 @@ impl Subject {
             Subject::Plain => "mmproxy plain",
             Subject::Ebpf => "mmproxy ebpf",
             Subject::GoMmproxy => "go-mmproxy",
+            Subject::Haproxy => "HAProxy usesrc",
         }
     }
 }
@@ -150,9 +153,9 @@ impl Workload {
     fn runs_on(self, subject: Subject) -> bool {
         match self {
             Workload::ConnectionsEphemeralPort => {
-                matches!(subject, Subject::Direct | Subject::Plain)
+                matches!(subject, Subject::Direct | Subject::Plain | Subject::Haproxy)
             }
-            _ => !(self.is_udp() && subject == Subject::Ebpf),
+            _ => !(self.is_udp() && matches!(subject, Subject::Ebpf | Subject::Haproxy)),
         }
     }
 
@@ -221,11 +224,16 @@ pub(crate) fn bench(opts: &Options) -> Result<()> {
         mmproxy: target.join("mmproxy"),
         load: target.join("mmproxy-bench"),
         go_mmproxy: which("go-mmproxy"),
+        haproxy: which("haproxy"),
     };
     let mut subjects = vec![Subject::Direct, Subject::Plain, Subject::Ebpf];
     match &binaries.go_mmproxy {
         Some(_) => subjects.push(Subject::GoMmproxy),
         None => eprintln!("bench: go-mmproxy not installed; skipped (--peers installs it)"),
+    }
+    match &binaries.haproxy {
+        Some(_) => subjects.push(Subject::Haproxy),
+        None => eprintln!("bench: haproxy not installed; skipped (--peers installs it)"),
     }
     let ns = Namespace::create()?;
     let mut results = Results::new();
@@ -275,6 +283,7 @@ struct Binaries {
     mmproxy: PathBuf,
     load: PathBuf,
     go_mmproxy: Option<PathBuf>,
+    haproxy: Option<PathBuf>,
 }
 
 fn run_cell(
@@ -311,6 +320,13 @@ fn run_cell(
         Subject::GoMmproxy => {
             let go = bin.go_mmproxy.as_ref().context("go-mmproxy missing")?;
             Some(ns.spawn(go, &proxy_args)?)
+        }
+        Subject::Haproxy => {
+            let haproxy = bin.haproxy.as_ref().context("haproxy missing")?;
+            let config = workspace_root().join("bench/haproxy.cfg");
+            let config = config.to_str().context("non-UTF-8 path")?;
+            // -db: stay in the foreground, so the process is the proxy.
+            Some(ns.spawn(haproxy, &["-db", "-f", config])?)
         }
     };
     if let Some(p) = &mut proc {
@@ -385,14 +401,19 @@ fn which(program: &str) -> Option<PathBuf> {
 }
 
 fn install_peers() -> Result<()> {
-    if which("go-mmproxy").is_some() {
+    let missing: Vec<&str> = ["go-mmproxy", "haproxy"]
+        .into_iter()
+        .filter(|p| which(p).is_none())
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("bench: installing go-mmproxy with apt");
+    eprintln!("bench: installing {} with apt", missing.join(", "));
     exec(Command::new("apt-get").arg("update").arg("-qq"))?;
     exec(
         Command::new("apt-get")
-            .args(["install", "-y", "-qq", "go-mmproxy"])
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
