@@ -61,6 +61,10 @@ fn bad_values_exit_2_with_one_line() {
     assert_one_line_error(&["--allow-source", "10.0.0.0/33"], "not a CIDR subnet");
     assert_one_line_error(&["--deny-source", "everyone"], "not a CIDR subnet");
     assert_one_line_error(&["--allow-local", "maybe"], "maybe");
+    assert_one_line_error(&["--max-pending-headers", "0"], "0");
+    assert_one_line_error(&["--max-conns-per-source", "-1"], "-1");
+    assert_one_line_error(&["--idle-timeout", "soon"], "soon");
+    assert_one_line_error(&["--max-udp-sessions-per-client", "many"], "many");
     assert_one_line_error(
         &[
             "--dynamic-destination",
@@ -143,6 +147,10 @@ fn help_documents_every_flag() {
         "--allow-source",
         "--deny-source",
         "--allow-local",
+        "--max-pending-headers",
+        "--max-conns-per-source",
+        "--idle-timeout",
+        "--max-udp-sessions-per-client",
         "--listen-transparent",
         "--mode",
         "--header-timeout",
