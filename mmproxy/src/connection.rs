@@ -195,7 +195,7 @@ impl TcpProxy {
         client: TcpStream,
         peer: SocketAddr,
     ) -> Result<Transferred, ConnectionError> {
-        upstream::tune_stream(&client);
+        // NODELAY and keepalive: inherited from the listener (listener.rs).
         // A bug that panics in here must not close the client cleanly.
         let mut reset_on_panic = ResetOnPanic::new(&[client.as_raw_fd()]);
         let (slot, _) = self.header_gate.enter();

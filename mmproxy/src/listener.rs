@@ -15,7 +15,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use crate::{config::AllowedSubnets, connection::TcpProxy, sockopt};
+use crate::{config::AllowedSubnets, connection::TcpProxy, sockopt, upstream};
 
 /// Connections the kernel queues before we accept them. Independent of
 /// `--listeners` (mmproxy-rs passed that as the backlog: 500 concurrent
@@ -48,6 +48,8 @@ pub fn bind_sockets(opts: &ListenOptions) -> Result<Vec<Socket>, ListenError> {
     (0..opts.count)
         .map(|_| {
             let socket = bind_one(opts, Type::STREAM, Protocol::TCP)?;
+            // Accepted sockets inherit these: no per-connection calls.
+            upstream::tune_stream(&socket);
             socket
                 .listen(LISTEN_BACKLOG)
                 .map_err(|source| ListenError {
@@ -158,4 +160,34 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use socket2::SockRef;
+
+    use super::*;
+
+    /// The per-connection options are set once on the listener: the
+    /// kernel copies them into every accepted socket.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let opts = ListenOptions {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            count: 1,
+            transparent: false,
+        };
+        let listener: std::net::TcpListener = bind_sockets(&opts).unwrap().remove(0).into();
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let s = SockRef::from(&accepted);
+        assert!(s.tcp_nodelay().unwrap());
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_mins(1));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 6);
+    }
 }

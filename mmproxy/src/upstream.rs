@@ -250,15 +250,17 @@ async fn finish(
 
 /// TCP_NODELAY (we forward what arrives; Nagle would only add delay) and
 /// keepalive (a vanished peer must not hold a connection forever) on a
-/// proxied socket, either leg. Failures only cost latency, so they are
-/// ignored.
-pub fn tune_stream(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
+/// proxied socket. Set once on each listening socket, whose accepted
+/// sockets inherit them (5 setsockopt calls saved per connection), and on
+/// each upstream socket. Failures only cost latency, so they are ignored.
+pub fn tune_stream(stream: &impl std::os::fd::AsFd) {
+    let socket = SockRef::from(stream);
+    let _ = socket.set_tcp_nodelay(true);
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_mins(1))
         .with_interval(Duration::from_secs(10))
         .with_retries(6);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_keepalive(&keepalive);
 }
 
 /// A connected UDP socket to the backend and the source it really uses.
