@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     sync::{
-        Mutex,
+        Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
 };
@@ -50,12 +50,7 @@ pub struct UdpStats {
 impl UdpStats {
     /// Counts a dropped datagram whose header was missing or invalid.
     pub fn header_error(&self, kind: &'static str) {
-        *self
-            .header_errors
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(kind)
-            .or_default() += 1;
+        bump(&self.header_errors, kind);
     }
 
     /// Counts a datagram whose header the policy refused.
@@ -63,35 +58,21 @@ impl UdpStats {
         bump(&self.policy_refusals, reason);
     }
 
-    pub fn policy_refusals(&self) -> BTreeMap<&'static str, u64> {
-        self.policy_refusals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
     /// Counts a datagram dropped because its session could not open.
     pub fn session_error(&self, kind: &'static str) {
-        *self
-            .session_errors
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(kind)
-            .or_default() += 1;
+        bump(&self.session_errors, kind);
     }
 
     pub fn header_errors(&self) -> BTreeMap<&'static str, u64> {
-        self.header_errors
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        snapshot(&self.header_errors)
+    }
+
+    pub fn policy_refusals(&self) -> BTreeMap<&'static str, u64> {
+        snapshot(&self.policy_refusals)
     }
 
     pub fn session_errors(&self) -> BTreeMap<&'static str, u64> {
-        self.session_errors
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        snapshot(&self.session_errors)
     }
 
     /// Every plain counter by name, for logs and metrics.
@@ -127,9 +108,17 @@ pub fn add_datagram(count: &AtomicU64, total: &AtomicU64, bytes: usize) {
     total.fetch_add(bytes as u64, Relaxed);
 }
 
-fn bump(map: &Mutex<BTreeMap<&'static str, u64>>, key: &'static str) {
-    *map.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .entry(key)
-        .or_default() += 1;
+/// A counter map's lock; a panic elsewhere cannot leave a count torn.
+type CountMap = BTreeMap<&'static str, u64>;
+
+fn lock(map: &Mutex<CountMap>) -> MutexGuard<'_, CountMap> {
+    map.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn bump(map: &Mutex<CountMap>, key: &'static str) {
+    *lock(map).entry(key).or_default() += 1;
+}
+
+fn snapshot(map: &Mutex<CountMap>) -> CountMap {
+    lock(map).clone()
 }
