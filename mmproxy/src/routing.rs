@@ -83,9 +83,7 @@ impl OwnerLock {
             Err(e) => Err(RoutingError::Lock(path, e.into())),
         }
     }
-}
 
-impl OwnerLock {
     /// Deletes the lock file, then releases the lock: after a clean exit
     /// nothing is left in /run. A newcomer that opened the old file before
     /// the unlink fails its lock and does not take over.
@@ -312,49 +310,62 @@ impl Routing {
         let owner = installed.lock.is_some();
         for piece in Piece::ALL {
             match piece {
-                Piece::Rule(f) => {
-                    if let Some(rule) = self.find_rule(f, spec).await? {
-                        if owner && rule_is_ours(&rule) {
-                            installed.rules.push(rule);
-                            installed.adopted += 1;
-                        }
-                        continue;
-                    }
-                }
-                Piece::LocalRoute(f) => {
-                    if let Some(route) = self.find_route(f, spec).await? {
-                        if owner && route_is_ours(&route) {
-                            installed.routes.push(route);
-                            installed.adopted += 1;
-                        }
-                        continue;
-                    }
-                }
-            }
-            if !owner {
-                // Another live instance manages this namespace's routing
-                // and will remove it; adding ours would race its exit.
-                return Err(RoutingError::NotOwner(piece.describe(spec)));
-            }
-            match piece {
-                Piece::Rule(f) => {
-                    self.add_rule(f, spec).await?;
-                    if let Some(rule) = self.find_rule(f, spec).await? {
-                        installed.rules.push(rule);
-                    }
-                }
-                Piece::LocalRoute(f) => {
-                    let route = self.local_route(f, spec);
-                    self.handle
-                        .route()
-                        .add(route.clone())
-                        .execute()
-                        .await
-                        .map_err(netlink(format!("adding {}", piece.describe(spec))))?;
-                    installed.routes.push(route);
-                }
+                Piece::Rule(f) => self.install_rule(f, spec, owner, installed).await?,
+                Piece::LocalRoute(f) => self.install_route(f, spec, owner, installed).await?,
             }
         }
+        Ok(())
+    }
+
+    /// The rule for `f`: taken over if it is an earlier run's and we hold
+    /// the lock, left alone if it is someone else's, added if missing.
+    async fn install_rule(
+        &self,
+        f: Family,
+        spec: RoutingSpec,
+        owner: bool,
+        installed: &mut Installed,
+    ) -> Result<(), RoutingError> {
+        if let Some(rule) = self.find_rule(f, spec).await? {
+            if owner && rule_is_ours(&rule) {
+                installed.rules.push(rule);
+                installed.adopted += 1;
+            }
+            return Ok(());
+        }
+        require_owner(owner, Piece::Rule(f), spec)?;
+        self.add_rule(f, spec).await?;
+        if let Some(rule) = self.find_rule(f, spec).await? {
+            installed.rules.push(rule);
+        }
+        Ok(())
+    }
+
+    /// The `local` route for `f`, on the same terms as [`Self::install_rule`].
+    async fn install_route(
+        &self,
+        f: Family,
+        spec: RoutingSpec,
+        owner: bool,
+        installed: &mut Installed,
+    ) -> Result<(), RoutingError> {
+        if let Some(route) = self.find_route(f, spec).await? {
+            if owner && route_is_ours(&route) {
+                installed.routes.push(route);
+                installed.adopted += 1;
+            }
+            return Ok(());
+        }
+        let piece = Piece::LocalRoute(f);
+        require_owner(owner, piece, spec)?;
+        let route = self.local_route(f, spec);
+        self.handle
+            .route()
+            .add(route.clone())
+            .execute()
+            .await
+            .map_err(netlink(format!("adding {}", piece.describe(spec))))?;
+        installed.routes.push(route);
         Ok(())
     }
 
@@ -366,18 +377,6 @@ impl Routing {
             lock,
             ..
         } = installed;
-        self.remove_pieces(rules, routes).await?;
-        if let Some(lock) = lock {
-            lock.release();
-        }
-        Ok(())
-    }
-
-    async fn remove_pieces(
-        &self,
-        rules: Vec<RuleMessage>,
-        routes: Vec<RouteMessage>,
-    ) -> Result<(), RoutingError> {
         for rule in rules {
             self.handle
                 .rule()
@@ -393,6 +392,9 @@ impl Routing {
                 .execute()
                 .await
                 .map_err(netlink("removing a route added at start"))?;
+        }
+        if let Some(lock) = lock {
+            lock.release();
         }
         Ok(())
     }
@@ -415,40 +417,35 @@ impl Routing {
 
     async fn add_rule(&self, f: Family, spec: RoutingSpec) -> Result<(), RoutingError> {
         let what = format!("adding {}", Piece::Rule(f).describe(spec));
-        let add = self
+        let mut add = self
             .handle
             .rule()
             .add()
             .table_id(spec.table)
             .action(RuleAction::ToTable);
-        let tag = RuleAttribute::Protocol(RouteProtocol::Other(MMPROXY_PROTOCOL));
+        // The tag that lets a restart recognise its own leftovers.
+        add.message_mut()
+            .attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                MMPROXY_PROTOCOL,
+            )));
         let result = match (f, spec.mark) {
             (Family::V4, 0) => {
-                let mut req = add
-                    .v4()
+                add.v4()
                     .source_prefix(Ipv4Addr::LOCALHOST, 8)
-                    .input_interface("lo");
-                req.message_mut().attributes.push(tag);
-                req.execute().await
+                    .input_interface("lo")
+                    .execute()
+                    .await
             }
             (Family::V6, 0) => {
-                let mut req = add
-                    .v6()
+                add.v6()
                     .source_prefix(Ipv6Addr::LOCALHOST, 128)
-                    .input_interface("lo");
-                req.message_mut().attributes.push(tag);
-                req.execute().await
+                    .input_interface("lo")
+                    .execute()
+                    .await
             }
-            (Family::V4, mark) => {
-                let mut req = add.v4().fw_mark(mark);
-                req.message_mut().attributes.push(tag);
-                req.execute().await
-            }
-            (Family::V6, mark) => {
-                let mut req = add.v6().fw_mark(mark);
-                req.message_mut().attributes.push(tag);
-                req.execute().await
-            }
+            (Family::V4, mark) => add.v4().fw_mark(mark).execute().await,
+            (Family::V6, mark) => add.v6().fw_mark(mark).execute().await,
         };
         result.map_err(netlink(what))
     }
@@ -494,6 +491,17 @@ impl Routing {
         };
         route.header.address_family = f.address_family();
         route
+    }
+}
+
+/// A missing piece is ours to add only as the lock's holder: another live
+/// instance manages this namespace's routing and will remove it, so
+/// adding ours would race its exit.
+fn require_owner(owner: bool, piece: Piece, spec: RoutingSpec) -> Result<(), RoutingError> {
+    if owner {
+        Ok(())
+    } else {
+        Err(RoutingError::NotOwner(piece.describe(spec)))
     }
 }
 
