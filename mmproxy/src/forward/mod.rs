@@ -18,15 +18,13 @@ pub mod splice;
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
+    sync::Arc,
     time::Duration,
 };
 
 use bytes::Bytes;
 use socket2::SockRef;
 use tokio::net::TcpStream;
-
-use std::sync::Arc;
-
 use tracing::info;
 
 use crate::{
@@ -112,12 +110,9 @@ impl Forwarder {
                 Err(_) => "cannot read the sockets' counters; connection reset",
             },
         };
-        for fd in fds {
-            // SAFETY: `forwarding` owns both sockets and is alive until
-            // this function returns, so the descriptors are open and still
-            // refer to them.
-            reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
-        }
+        // SAFETY: `forwarding` owns both sockets and is alive until this
+        // function returns, so the descriptors are open and refer to them.
+        unsafe { reset_raw(&fds) };
         Err(ForwardError {
             side: Side::Internal,
             source: io::Error::other(cut),
@@ -195,14 +190,23 @@ impl ResetOnPanic {
 
 impl Drop for ResetOnPanic {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for &fd in &self.fds {
+        if std::thread::panicking() {
             // SAFETY: by the type's contract the descriptors are still
             // open and refer to the sockets the guard was given.
-            reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
+            unsafe { reset_raw(&self.fds) };
         }
+    }
+}
+
+/// [`reset_on_close`] on sockets known only by descriptor.
+///
+/// # Safety
+/// Each descriptor must be open and refer to the socket meant, for the
+/// duration of the call.
+unsafe fn reset_raw(fds: &[RawFd]) {
+    for &fd in fds {
+        // SAFETY: the caller's contract.
+        reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
     }
 }
 
