@@ -11,7 +11,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
 use crate::config::{Mode, Protocols, SourcePortPolicy, UdpHeaderMode};
-use crate::policy::DestinationRule;
+use crate::policy::{DestinationRule, parse_net};
 
 /// Preserves client addresses behind PROXY-protocol load balancers.
 ///
@@ -259,10 +259,7 @@ fn parse_protocols(s: &str) -> Result<Protocols, String> {
 }
 
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    s.parse::<IpNet>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map(|net| net.trunc())
-        .map_err(|_| format!("'{s}' is not a CIDR subnet (e.g. 192.0.2.0/24)"))
+    parse_net(s).ok_or_else(|| format!("'{s}' is not a CIDR subnet (e.g. 192.0.2.0/24)"))
 }
 
 fn parse_ipv4_target(s: &str) -> Result<SocketAddr, String> {

@@ -7,13 +7,12 @@ use std::{
     time::Duration,
 };
 
-use ipnet::IpNet;
-
 use clap::ValueEnum;
+use ipnet::IpNet;
 
 use crate::{
     cli::Cli,
-    policy::{Policy, SourceOverrides},
+    policy::{Policy, SourceOverrides, parse_net},
     routing::RoutingSpec,
     upstream::UpstreamOptions,
 };
@@ -34,8 +33,8 @@ pub struct Config {
     pub mark: u32,
     pub listeners: u16,
     pub udp_idle_timeout: Duration,
-    pub dynamic_destination: bool,
-    /// Which sources and destinations a header may claim.
+    /// Which sources and destinations a header may claim (and, with
+    /// `--dynamic-destination`, the allowed destinations).
     pub policy: Policy,
     pub listen_transparent: bool,
     pub mode: Mode,
@@ -99,7 +98,6 @@ impl Config {
             mark: cli.mark,
             listeners: cli.listeners,
             udp_idle_timeout: Duration::from_secs(cli.close_after_secs),
-            dynamic_destination: cli.dynamic_destination,
             policy,
             listen_transparent: cli.listen_transparent,
             mode: cli.mode,
@@ -236,15 +234,12 @@ impl AllowedSubnets {
             if line.is_empty() {
                 continue;
             }
-            let net = line
-                .parse::<IpNet>()
-                .or_else(|_| line.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| ConfigError::BadSubnet {
-                    path: path.to_owned(),
-                    line: index + 1,
-                    text: line.to_owned(),
-                })?;
-            nets.push(net.trunc());
+            let net = parse_net(line).ok_or_else(|| ConfigError::BadSubnet {
+                path: path.to_owned(),
+                line: index + 1,
+                text: line.to_owned(),
+            })?;
+            nets.push(net);
         }
         if nets.is_empty() {
             return Err(ConfigError::NoSubnets {

@@ -18,7 +18,7 @@ use crate::{
     config::Config,
     error::{Side, error_chain},
     forward::{self, Connection, ForwardError, Forwarder, ResetOnPanic, Transferred},
-    limits::{HeaderGate, SourceCounter},
+    limits::{EvictingGate, SourceCounter},
     metrics::Metrics,
     policy::{LogLimiter, Refusal},
     proxy_protocol::{self, Action, MAX_HEADER_LEN, Status, Transport},
@@ -42,7 +42,7 @@ pub struct TcpProxy {
     /// Paces the warnings for refused headers.
     pub refusal_log: LogLimiter,
     /// `--max-pending-headers`.
-    pub header_gate: Arc<HeaderGate>,
+    pub header_gate: Arc<EvictingGate>,
     /// `--max-conns-per-source`.
     pub sources: Arc<SourceCounter>,
 }
@@ -160,30 +160,22 @@ impl TcpProxy {
                 }
             }
             Err(ConnectionError::Header(e)) => {
-                m.tcp_rejected
-                    .get_or_create(&vec![("reason", "header".to_owned())])
-                    .inc();
+                m.rejected("header");
                 m.tcp_header_errors
                     .get_or_create(&vec![("kind", e.label().to_owned())])
                     .inc();
             }
             Err(ConnectionError::Refused(refusal)) => {
-                m.tcp_rejected
-                    .get_or_create(&vec![("reason", "policy".to_owned())])
-                    .inc();
+                m.rejected("policy");
                 m.tcp_policy_refusals
                     .get_or_create(&vec![("reason", refusal.label().to_owned())])
                     .inc();
             }
             Err(ConnectionError::SourceLimit { .. }) => {
-                m.tcp_rejected
-                    .get_or_create(&vec![("reason", "source_limit".to_owned())])
-                    .inc();
+                m.rejected("source_limit");
             }
             Err(ConnectionError::Upstream(e)) => {
-                m.tcp_rejected
-                    .get_or_create(&vec![("reason", "upstream".to_owned())])
-                    .inc();
+                m.rejected("upstream");
                 m.upstream_error(e.label(), e.errno());
             }
             Err(ConnectionError::Forward(_)) => {}
@@ -341,7 +333,7 @@ mod tests {
         let config = Config::from_cli(&Cli::try_parse_from(args).unwrap()).unwrap();
         TcpProxy {
             upstream: config.upstream_options(),
-            header_gate: HeaderGate::new(config.max_pending_headers as usize),
+            header_gate: EvictingGate::new(config.max_pending_headers as usize),
             sources: SourceCounter::new(config.max_conns_per_source),
             config: Arc::new(config),
             forwarder: Forwarder::Plain(SpliceForwarder::new()),

@@ -1,10 +1,11 @@
 //! Per-connection limits a hostile peer must not get around:
 //!
-//! - [`HeaderGate`]: at most `--max-pending-headers` connections may be
-//!   waiting for their PROXY header at once. A new one beyond that evicts
-//!   the *oldest* waiter, so a slowloris that opens thousands of silent
-//!   connections only ever holds the gate's capacity, and a real balancer
-//!   (which sends its header at once) still gets through.
+//! - [`EvictingGate`]: at most N holders at once; a new one beyond that
+//!   evicts the *oldest*. With `--max-pending-headers` it bounds the
+//!   connections waiting for their PROXY header, so a slowloris that opens
+//!   thousands of silent connections only ever holds the gate's capacity
+//!   and a real balancer (which sends its header at once) still gets
+//!   through; the metrics endpoint bounds its connections with one too.
 //! - [`SourceCounter`]: at most `--max-conns-per-source` connections per
 //!   claimed client address, so one client cannot take every backend slot.
 //! - [`IdleWatch`]: `--idle-timeout`, measured from the sockets' own byte
@@ -24,9 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::sockopt;
 
-/// The connections waiting for their header, oldest first.
+/// Holders of a bounded resource, oldest first; the newest always gets in.
 #[derive(Debug)]
-pub struct HeaderGate {
+pub struct EvictingGate {
     capacity: usize,
     inner: Mutex<GateInner>,
 }
@@ -41,13 +42,13 @@ struct GateInner {
 /// A place in the gate; leaving it (drop) frees the slot. `evicted` is
 /// cancelled when a newer connection needed the slot.
 #[derive(Debug)]
-pub struct HeaderSlot {
-    gate: Arc<HeaderGate>,
+pub struct GateSlot {
+    gate: Arc<EvictingGate>,
     id: u64,
     pub evicted: CancellationToken,
 }
 
-impl HeaderGate {
+impl EvictingGate {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
             capacity: capacity.max(1),
@@ -61,7 +62,7 @@ impl HeaderGate {
 
     /// Enters the gate, evicting the oldest waiter if it is full. Returns
     /// the slot and whether someone was evicted.
-    pub fn enter(self: &Arc<Self>) -> (HeaderSlot, bool) {
+    pub fn enter(self: &Arc<Self>) -> (GateSlot, bool) {
         let mut inner = self.lock();
         let evicted_someone = if inner.waiting.len() >= self.capacity {
             inner
@@ -76,7 +77,7 @@ impl HeaderGate {
         inner.next_id += 1;
         let evicted = CancellationToken::new();
         inner.waiting.insert(id, evicted.clone());
-        let slot = HeaderSlot {
+        let slot = GateSlot {
             gate: self.clone(),
             id,
             evicted,
@@ -90,7 +91,7 @@ impl HeaderGate {
     }
 }
 
-impl Drop for HeaderSlot {
+impl Drop for GateSlot {
     fn drop(&mut self) {
         self.gate.lock().waiting.remove(&self.id);
     }
@@ -211,7 +212,7 @@ mod tests {
 
     #[test]
     fn a_full_gate_evicts_its_oldest_waiter() {
-        let gate = HeaderGate::new(2);
+        let gate = EvictingGate::new(2);
         let (a, evicted) = gate.enter();
         assert!(!evicted);
         let (b, _) = gate.enter();

@@ -127,11 +127,7 @@ pub async fn accept_loop(listener: TcpListener, ctx: AcceptContext) {
                 backoff = BACKOFF_START;
                 ctx.proxy.metrics.tcp_accepted.inc();
                 if !ctx.allowed.load().allows(peer.ip()) {
-                    ctx.proxy
-                        .metrics
-                        .tcp_rejected
-                        .get_or_create(&vec![("reason", "not_allowed".to_owned())])
-                        .inc();
+                    ctx.proxy.metrics.rejected("not_allowed");
                     debug!(%peer, "peer not in --allowed-subnets; closed");
                     continue;
                 }

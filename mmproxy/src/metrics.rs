@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::{forward::sockmap::DatapathStats, limits::HeaderGate, udp::UdpProxy};
+use crate::{forward::sockmap::DatapathStats, limits::EvictingGate, udp::UdpProxy};
 
 /// Label pairs; the values are a handful of fixed names or errno names.
 pub type Labels = Vec<(&'static str, String)>;
@@ -42,7 +42,7 @@ pub type Labels = Vec<(&'static str, String)>;
 pub struct Metrics {
     pub tcp_accepted: Counter,
     pub tcp_active: Gauge,
-    /// `reason`: `not_allowed`, `header`, `policy`, `upstream`.
+    /// `reason`: `not_allowed`, `header`, `policy`, `source_limit`, `upstream`.
     pub tcp_rejected: Family<Labels, Counter>,
     /// `reason`: a [`crate::policy::Refusal`] label.
     pub tcp_policy_refusals: Family<Labels, Counter>,
@@ -64,6 +64,13 @@ impl Metrics {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Counts a TCP connection closed before forwarding, by reason.
+    pub fn rejected(&self, reason: &'static str) {
+        self.tcp_rejected
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
     }
 
     /// Counts an upstream failure with its errno's name.
@@ -231,7 +238,7 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics on http://{addr}/metrics, health on /healthz");
     }
-    let gate = HeaderGate::new(METRICS_MAX_CONNECTIONS);
+    let gate = EvictingGate::new(METRICS_MAX_CONNECTIONS);
     let mut backoff = ACCEPT_BACKOFF_START;
     loop {
         let accepted = tokio::select! {

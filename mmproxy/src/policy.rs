@@ -171,17 +171,23 @@ impl FromStr for DestinationRule {
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
         let (net_text, ports_text) = split_ports(s);
-        let net = net_text
-            .parse::<IpNet>()
-            .or_else(|_| net_text.parse::<IpAddr>().map(IpNet::from))
-            .map_err(|_| format!("'{net_text}' is not a CIDR subnet (e.g. 10.0.0.0/8)"))?
-            .trunc();
+        let net = parse_net(net_text)
+            .ok_or_else(|| format!("'{net_text}' is not a CIDR subnet (e.g. 10.0.0.0/8)"))?;
         let ports = match ports_text {
             None => Vec::new(),
             Some(text) => parse_ports(text)?,
         };
         Ok(Self { net, ports })
     }
+}
+
+/// A subnet in CIDR notation, or a bare address (that one host), with the
+/// host bits cleared: how every subnet flag and file is read.
+pub fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .ok()
+        .map(|net| net.trunc())
 }
 
 /// Splits `CIDR:PORTS`. The ports follow the prefix length, so an IPv6

@@ -222,7 +222,12 @@ impl UdpProxy {
         let key = SessionKey {
             frontend,
             client: route.source,
-            destination: self.config.dynamic_destination.then_some(route.backend),
+            destination: self
+                .config
+                .policy
+                .dynamic_destinations
+                .is_some()
+                .then_some(route.backend),
         };
         if self.config.udp_header == UdpHeaderMode::First {
             self.sessions.remember_flow(key);

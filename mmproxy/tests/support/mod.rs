@@ -336,13 +336,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The value of the first metric line starting with `prefix`.
-pub fn metric(body: &str, prefix: &str) -> u64 {
+/// The value of the first metric line starting with `prefix`, if any.
+fn find_metric(body: &str, prefix: &str) -> Option<u64> {
     body.lines()
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {prefix:?} in:\n{body}"))
+}
+
+/// The value of the first metric line starting with `prefix`.
+pub fn metric(body: &str, prefix: &str) -> u64 {
+    find_metric(body, prefix).unwrap_or_else(|| panic!("no metric {prefix:?} in:\n{body}"))
 }
 
 /// Scrapes `/metrics` until every `(prefix, value)` pair holds (counters
@@ -352,13 +356,9 @@ pub async fn wait_for_metrics(addr: SocketAddr, expected: &[(&str, u64)]) -> Str
     loop {
         let (status, body) = http_get(addr, "/metrics").await;
         assert_eq!(status, 200);
-        let settled = expected.iter().all(|(prefix, value)| {
-            body.lines()
-                .find(|l| l.starts_with(prefix))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<u64>().ok())
-                == Some(*value)
-        });
+        let settled = expected
+            .iter()
+            .all(|(prefix, value)| find_metric(&body, prefix) == Some(*value));
         if settled {
             return body;
         }
