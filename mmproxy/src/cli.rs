@@ -22,6 +22,13 @@ use crate::policy::{DestinationRule, parse_net};
 ///
 /// `mmproxy check [flags]` checks the routing, the backends and BPF for
 /// those flags, prints one line per check, and exits 0 only if all pass.
+///
+/// Signals: SIGTERM or SIGINT stops accepting and drains open connections
+/// (a second one resets them); SIGHUP reloads --allowed-subnets; SIGUSR2
+/// starts the binary at the same path with the same flags, hands it the
+/// listening sockets and drains (an upgrade without refused connections).
+/// Listening sockets passed by systemd (`LISTEN_FDS`) are used instead of
+/// -l; one named "metrics" serves --metrics-addr.
 #[derive(Debug, Clone, Parser)]
 // Each switch of go-mmproxy's and ours is a bool; an enum per flag would
 // only rename them.
@@ -347,6 +354,34 @@ pub enum Command {
     Run,
     /// `mmproxy check [flags]`: check the host for those flags and exit.
     Check,
+    /// `mmproxy generate man|bash|zsh|fish`: print the man page or a
+    /// shell completion script, made from these flag definitions (the
+    /// Debian package ships them).
+    Generate(Generated),
+}
+
+/// What `mmproxy generate` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Generated {
+    Man,
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Writes the man page (roff) or a completion script to `out`.
+pub fn generate(what: Generated, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory as _;
+    use clap_complete::Shell;
+    let mut command = Cli::command();
+    let shell = match what {
+        Generated::Man => return clap_mangen::Man::new(command).render(out),
+        Generated::Bash => Shell::Bash,
+        Generated::Zsh => Shell::Zsh,
+        Generated::Fish => Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut command, "mmproxy", out);
+    Ok(())
 }
 
 impl Cli {
@@ -355,11 +390,20 @@ impl Cli {
     /// `--version` print and exit 0.
     pub fn parse_or_exit(args: impl IntoIterator<Item = OsString>) -> (Command, Self) {
         let mut args: Vec<OsString> = args.into_iter().collect();
-        let command = if args.get(1).is_some_and(|a| a == "check") {
-            args.remove(1);
-            Command::Check
-        } else {
-            Command::Run
+        let command = match args.get(1).and_then(|a| a.to_str()) {
+            Some("check") => {
+                args.remove(1);
+                Command::Check
+            }
+            Some("generate") => {
+                let what = args.get(2).and_then(|a| a.to_str()).unwrap_or("");
+                let Ok(what) = Generated::from_str(what, false) else {
+                    eprintln!("mmproxy: generate needs one of: man, bash, zsh, fish");
+                    std::process::exit(2);
+                };
+                return (Command::Generate(what), Self::parse_from(["mmproxy"]));
+            }
+            _ => Command::Run,
         };
         match Self::try_parse_from(normalize_args(args)) {
             Ok(cli) => (command, cli),

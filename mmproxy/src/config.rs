@@ -21,6 +21,8 @@ use crate::{
 #[derive(Debug, Clone)]
 #[allow(clippy::struct_excessive_bools)] // the command line's switches
 pub struct Config {
+    /// `-l`: bound unless listening sockets are handed over (then
+    /// `policy.listening` holds theirs).
     pub listen: SocketAddr,
     pub target4: SocketAddr,
     pub target6: SocketAddr,
@@ -85,7 +87,7 @@ impl Config {
                 deny: cli.deny_source.clone(),
             },
             allow_local: cli.allow_local,
-            listen: cli.listen,
+            listening: vec![cli.listen],
         };
         Ok(Self {
             listen: cli.listen,
@@ -141,7 +143,12 @@ impl Config {
     /// Whether anyone who reaches a non-loopback listener may choose the
     /// source address the backend sees: no `--allowed-subnets`.
     pub fn listens_openly(&self) -> bool {
-        self.allowed_subnets.is_empty() && !self.listen.ip().to_canonical().is_loopback()
+        self.allowed_subnets.is_empty()
+            && self
+                .policy
+                .listening
+                .iter()
+                .any(|a| !a.ip().to_canonical().is_loopback())
     }
 }
 

@@ -21,6 +21,7 @@
 //!
 //! [`error::Side`] names whose fault a failure is, in every subsystem.
 
+pub mod activation;
 pub mod bpf;
 pub mod check;
 pub mod cli;
@@ -37,4 +38,5 @@ pub mod routing;
 pub mod server;
 pub mod sockopt;
 pub mod udp;
+pub mod upgrade;
 pub mod upstream;

@@ -15,7 +15,14 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use crate::{config::AllowedSubnets, connection::TcpProxy, sockopt, upstream};
+use crate::{
+    activation::{Inherited, METRICS_NAME, Origin},
+    config::AllowedSubnets,
+    connection::TcpProxy,
+    sockopt,
+    upgrade::HandoverSocket,
+    upstream,
+};
 
 /// Connections the kernel queues before we accept them. Independent of
 /// `--listeners` (mmproxy-rs passed that as the backlog: 500 concurrent
@@ -95,6 +102,134 @@ fn bind_one(opts: &ListenOptions, kind: Type, protocol: Protocol) -> Result<Sock
         .bind(&addr.into())
         .map_err(fail(" (in use, or not a local address)"))?;
     Ok(socket)
+}
+
+/// Every listening socket of the daemon, bound here or handed over
+/// (systemd socket activation, or the instance this one replaces).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub tcp: Vec<Socket>,
+    pub udp: Vec<Socket>,
+    pub metrics: Option<Socket>,
+    /// The proxy's own addresses (never a destination it connects to).
+    pub served: Vec<SocketAddr>,
+}
+
+/// Why handed-over sockets do not fit the flags.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("{origin} passed {what} socket on {addr}, but -p does not include {proto}")]
+    ProtocolOff {
+        origin: Origin,
+        what: &'static str,
+        addr: SocketAddr,
+        proto: &'static str,
+    },
+    #[error(
+        "-p includes {proto}, but {origin} passed no {what} socket (with handed-over sockets, -l is not bound)"
+    )]
+    NoSocketFor {
+        origin: Origin,
+        what: &'static str,
+        proto: &'static str,
+    },
+    #[error("{origin} passed {addr}: cannot set IP_TRANSPARENT for --listen-transparent")]
+    Transparent {
+        origin: Origin,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Listeners {
+    /// Takes the handed-over proxy sockets of a protocol we serve; one
+    /// of a protocol we do not serve is an error, not a silently idle
+    /// port.
+    pub fn adopt(
+        inherited: &mut Inherited,
+        tcp: bool,
+        udp: bool,
+        transparent: bool,
+    ) -> Result<Self, AdoptError> {
+        let origin = inherited.origin.unwrap_or(Origin::Systemd);
+        for (served, sockets, what, proto) in [
+            (tcp, &inherited.tcp, "a TCP", "tcp"),
+            (udp, &inherited.udp, "a UDP", "udp"),
+        ] {
+            if let (false, Some(s)) = (served, sockets.first()) {
+                return Err(AdoptError::ProtocolOff {
+                    origin,
+                    what,
+                    addr: s.local,
+                    proto,
+                });
+            }
+        }
+        let served = inherited.proxy_addrs();
+        for (wanted, sockets, what, proto) in [
+            (tcp, &inherited.tcp, "TCP", "tcp"),
+            (udp, &inherited.udp, "UDP", "udp"),
+        ] {
+            if wanted && sockets.is_empty() && !served.is_empty() {
+                return Err(AdoptError::NoSocketFor {
+                    origin,
+                    what,
+                    proto,
+                });
+            }
+        }
+        let listeners = Self {
+            tcp: inherited.tcp.drain(..).map(|s| s.socket).collect(),
+            udp: inherited.udp.drain(..).map(|s| s.socket).collect(),
+            metrics: inherited.metrics.take().map(|s| s.socket),
+            served,
+        };
+        for socket in &listeners.tcp {
+            // Accepted sockets inherit these, as from our own listeners.
+            upstream::tune_stream(socket);
+        }
+        if transparent {
+            for socket in listeners.tcp.iter().chain(&listeners.udp) {
+                let addr = local_addr(socket);
+                sockopt::set_transparent(socket, addr).map_err(|source| {
+                    AdoptError::Transparent {
+                        origin,
+                        addr,
+                        source,
+                    }
+                })?;
+            }
+        }
+        Ok(listeners)
+    }
+
+    /// Duplicates of every listening socket, named by role, for a
+    /// successor ([`crate::upgrade`]).
+    pub fn for_handover(&self) -> io::Result<Vec<HandoverSocket>> {
+        let named = self
+            .tcp
+            .iter()
+            .map(|s| (s, "tcp"))
+            .chain(self.udp.iter().map(|s| (s, "udp")))
+            .chain(self.metrics.iter().map(|s| (s, METRICS_NAME)));
+        named
+            .map(|(socket, name)| {
+                Ok(HandoverSocket {
+                    fd: socket.try_clone()?.into(),
+                    name,
+                })
+            })
+            .collect()
+    }
+}
+
+fn local_addr(socket: &Socket) -> SocketAddr {
+    socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// Everything an accept loop needs.

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use mmproxy::{
+    activation::{Inherited, Origin},
     cli::{Cli, Command, LogFormat},
     config::Config,
-    server,
+    server::{self, Startup},
+    upgrade::{Launch, Predecessor},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -15,6 +17,15 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let (command, cli) = Cli::parse_or_exit(std::env::args_os());
+    if let Command::Generate(what) = command {
+        return match mmproxy::cli::generate(what, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mmproxy: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logging(cli.verbose, cli.log_format);
     let config = match Config::from_cli(&cli) {
         Ok(c) => c,
@@ -26,9 +37,17 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Check => check(&config),
         Command::Run => {
+            let startup = match take_startup() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("mmproxy: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
             raise_nofile_limit();
-            run(config).map(|()| ExitCode::SUCCESS)
+            run(config, startup).map(|()| ExitCode::SUCCESS)
         }
+        Command::Generate(_) => unreachable!("handled above"),
     };
     result.unwrap_or_else(|e| {
         eprintln!("mmproxy: {e:#}");
@@ -53,7 +72,36 @@ fn check(config: &Config) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+/// What this process was handed: a predecessor's sockets (SIGUSR2
+/// upgrade) or systemd's. Runs before the runtime starts any thread,
+/// because it removes the variables it read from the environment.
+fn take_startup() -> anyhow::Result<Startup> {
+    // SAFETY: single-threaded still; the runtime starts after this.
+    let handover =
+        unsafe { Predecessor::from_env() }.context("cannot take over from the old instance")?;
+    let (inherited, predecessor) = match handover {
+        Some((predecessor, fds)) => (
+            Inherited::from_fds(fds, Origin::Predecessor)?,
+            Some(predecessor),
+        ),
+        // SAFETY: as above.
+        None => (unsafe { Inherited::from_systemd() }?, None),
+    };
+    let launch = match Launch::of_this_process() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(error = %e, "cannot find this binary's path; SIGUSR2 upgrades are off");
+            None
+        }
+    };
+    Ok(Startup {
+        inherited,
+        predecessor,
+        launch,
+    })
+}
+
+fn run(config: Config, startup: Startup) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,10 +121,11 @@ fn run(config: Config) -> anyhow::Result<()> {
                     _ = term.recv() => info!("SIGTERM received"),
                     _ = int.recv() => info!("SIGINT received"),
                 }
+                mmproxy::activation::notify(&[sd_notify::NotifyState::Stopping]);
                 stage.cancel();
             }
         });
-        server::run(config, shutdown).await?;
+        server::run(config, startup, shutdown).await?;
         info!("exiting");
         Ok(())
     })

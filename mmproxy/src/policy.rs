@@ -238,8 +238,8 @@ pub struct Policy {
     pub dynamic_destinations: Option<Vec<DestinationRule>>,
     pub sources: SourceOverrides,
     pub allow_local: bool,
-    /// The daemon's own listening address: never a destination.
-    pub listen: SocketAddr,
+    /// The daemon's own listening addresses: never a destination.
+    pub listening: Vec<SocketAddr>,
 }
 
 impl Policy {
@@ -320,14 +320,15 @@ impl Policy {
         Ok(dst)
     }
 
-    /// Whether `dst` reaches our own listener: same port, and the listen
-    /// address itself, or any local-looking address when we listen on all.
+    /// Whether `dst` reaches one of our own listeners: same port, and the
+    /// listen address itself, or any local-looking address when we
+    /// listen on all.
     fn is_own_listener(&self, dst: SocketAddr) -> bool {
-        if dst.port() != self.listen.port() {
-            return false;
-        }
-        let listen = self.listen.ip().to_canonical();
-        dst.ip() == listen || (listen.is_unspecified() && dst.ip().is_loopback())
+        self.listening.iter().any(|listen| {
+            let ip = listen.ip().to_canonical();
+            dst.port() == listen.port()
+                && (dst.ip() == ip || (ip.is_unspecified() && dst.ip().is_loopback()))
+        })
     }
 }
 
@@ -433,7 +434,7 @@ mod tests {
             dynamic_destinations: None,
             sources: SourceOverrides::default(),
             allow_local: true,
-            listen: sa("0.0.0.0:8443"),
+            listening: vec![sa("0.0.0.0:8443")],
         }
     }
 
@@ -622,7 +623,7 @@ mod tests {
         assert_eq!(destination(&p, "127.0.0.1:8443"), Err("self_destination"));
         p.dynamic_destinations = Some(rules(&["127.0.0.1/32:8443"]));
         assert_eq!(destination(&p, "127.0.0.1:8443"), Ok(sa("127.0.0.1:8443")));
-        p.listen = sa("192.0.2.1:8443");
+        p.listening = vec![sa("192.0.2.1:8443")];
         p.dynamic_destinations = Some(rules(&["192.0.2.0/24"]));
         assert_eq!(destination(&p, "192.0.2.1:8443"), Err("self_destination"));
         assert_eq!(destination(&p, "192.0.2.2:8443"), Ok(sa("192.0.2.2:8443")));

@@ -258,6 +258,12 @@ impl Installed {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty() && self.routes.is_empty()
     }
+
+    /// Leaves the routing in place and lets go of the lock (the file
+    /// stays), so that a successor that takes the lock adopts it all.
+    pub fn hand_over(self) {
+        drop(self.lock);
+    }
 }
 
 impl Routing {

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use sd_notify::NotifyState;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Semaphore,
@@ -15,18 +16,19 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
+    activation::{self, Inherited},
     check,
     config::{AllowedSubnets, Config},
     connection::TcpProxy,
     error::error_chain,
     forward::Forwarder,
     limits::{EvictingGate, SourceCounter},
-    listener::{self, AcceptContext, ListenError, ListenOptions},
+    listener::{self, AcceptContext, AdoptError, ListenError, ListenOptions, Listeners},
     metrics::{self, LiveCounters, Metrics},
     policy::{LogLimiter, REFUSAL_LOG_INTERVAL},
     routing::{Installed, Routing, RoutingError},
     udp::{UdpProxy, frontend::FrontendSocket},
-    upstream::UpstreamOptions,
+    upgrade::{self, HandoverSocket, Launch, Predecessor},
 };
 
 /// Why the daemon could not start.
@@ -34,6 +36,8 @@ use crate::{
 pub enum StartError {
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Adopt(#[from] AdoptError),
     #[error("cannot register a listener with the runtime")]
     Register(#[source] std::io::Error),
     #[error("--mode ebpf: {0}")]
@@ -54,12 +58,12 @@ pub enum StartError {
 /// must not go unnoticed.
 fn warn_if_open(config: &Config) {
     if config.listens_openly() {
+        let listen = display_addrs(&config.policy.listening);
         warn!(
-            listen = %config.listen,
-            "no --allowed-subnets: anyone who can reach {} may claim any client address \
+            %listen,
+            "no --allowed-subnets: anyone who can reach {listen} may claim any client address \
              (the backend will believe it); list your load balancers' subnets in a file and \
-             pass it with --allowed-subnets",
-            config.listen
+             pass it with --allowed-subnets"
         );
     }
 }
@@ -73,17 +77,44 @@ pub struct Shutdown {
     pub now: CancellationToken,
 }
 
+/// What a starting instance was handed: sockets (systemd's, or a
+/// predecessor's), the predecessor to tell when we serve, and how to
+/// start a successor on SIGUSR2 (`None`: no upgrades).
+#[derive(Debug, Default)]
+pub struct Startup {
+    pub inherited: Inherited,
+    pub predecessor: Option<Predecessor>,
+    pub launch: Option<Launch>,
+}
+
 /// Runs the proxy until `shutdown.drain` is cancelled, then drains. Routing
 /// that `--setup-routes` added is removed on every way out, a failed
-/// start included.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
+/// start included, unless a successor took it over.
+pub async fn run(
+    mut config: Config,
+    startup: Startup,
+    shutdown: Shutdown,
+) -> Result<(), StartError> {
+    let Startup {
+        inherited,
+        predecessor,
+        launch,
+    } = startup;
+    let mut listeners = open_listeners(&config, inherited)?;
+    config.policy.listening.clone_from(&listeners.served);
+    let upgrades = launch.and_then(|launch| match listeners.for_handover() {
+        Ok(sockets) => Some((launch, sockets)),
+        Err(e) => {
+            warn!(error = %e, "cannot keep copies of the listening sockets; SIGUSR2 upgrades are off");
+            None
+        }
+    });
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
     let live = Arc::new(LiveCounters::default());
-    if let Some(addr) = config.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Metrics { addr, source })?;
+    if let Some(socket) = listeners.metrics.take() {
+        let listener =
+            tokio::net::TcpListener::from_std(socket.into()).map_err(StartError::Register)?;
         let registry = Arc::new(metrics::registry(&metrics, live.clone()));
         tokio::spawn(metrics::serve(
             listener,
@@ -92,72 +123,320 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
             shutdown.drain.clone(),
         ));
     }
-    let routes = if config.setup_routes {
-        Some(setup_routes(&config).await?)
-    } else {
-        None
+    let routes = Arc::new(RouteOwner::default());
+    // A successor takes the routing over once its predecessor lets go.
+    if config.setup_routes && predecessor.is_none() {
+        routes.take_over(&config).await?;
+    }
+    let serving = Serving {
+        config: &config,
+        metrics: &metrics,
+        live: &live,
+        shutdown: &shutdown,
+        routes: &routes,
     };
-    let served = serve(&config, &metrics, &live, &shutdown).await;
-    if let Some((routing, installed)) = routes {
+    let served = serving.serve(listeners, predecessor, upgrades).await;
+    routes.remove().await;
+    served
+}
+
+/// Opens the listening sockets first, so that a busy port fails the
+/// start before anything else happens: the handed-over ones, or `-l`
+/// (and `--metrics-addr`).
+fn open_listeners(config: &Config, mut inherited: Inherited) -> Result<Listeners, StartError> {
+    let origin = inherited.origin;
+    let mut listeners = Listeners::adopt(
+        &mut inherited,
+        config.protocols.tcp,
+        config.protocols.udp,
+        config.listen_transparent,
+    )?;
+    if let Some(origin) = origin {
+        info!(
+            %origin,
+            tcp = listeners.tcp.len(),
+            udp = listeners.udp.len(),
+            metrics = listeners.metrics.is_some(),
+            "using handed-over listening sockets"
+        );
+    }
+    if listeners.served.is_empty() {
+        let opts = listen_options(config);
+        if config.protocols.tcp {
+            listeners.tcp = listener::bind_sockets(&opts)?;
+        }
+        if config.protocols.udp {
+            listeners.udp = listener::bind_udp_sockets(&opts)?;
+        }
+        listeners.served = vec![config.listen];
+    }
+    if let (None, Some(addr)) = (&listeners.metrics, config.metrics_addr) {
+        let socket = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| StartError::Metrics { addr, source })?;
+        listeners.metrics = Some(socket.into());
+    }
+    Ok(listeners)
+}
+
+/// The `--setup-routes` routing this instance owns: removed at exit, or
+/// left in place for a successor.
+#[derive(Debug, Default)]
+struct RouteOwner(std::sync::Mutex<Option<(Routing, Installed)>>);
+
+impl RouteOwner {
+    async fn take_over(&self, config: &Config) -> Result<(), StartError> {
+        let owned = setup_routes(config).await?;
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(owned);
+        Ok(())
+    }
+
+    /// Lets go of the routing without removing it.
+    fn hand_over(&self) {
+        if let Some((_, installed)) = self.take() {
+            installed.hand_over();
+        }
+    }
+
+    async fn remove(&self) {
+        let Some((routing, installed)) = self.take() else {
+            return;
+        };
         match routing.remove(installed).await {
             Ok(()) => info!("removed the routing added at start"),
             Err(e) => warn!(error = %error_chain(&e), "cannot remove the routing added at start"),
         }
     }
-    served
+
+    fn take(&self) -> Option<(Routing, Installed)> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
-/// Opens the listeners, serves until shutdown, drains.
-async fn serve(
-    config: &Arc<Config>,
-    metrics: &Arc<Metrics>,
-    live: &Arc<LiveCounters>,
-    shutdown: &Shutdown,
-) -> Result<(), StartError> {
-    if !config.quiet {
-        log_start_checks(config).await;
-    }
-    warn_if_open(config);
-    let allowed = Arc::new(ArcSwap::from_pointee(config.allowed_subnets.clone()));
-    tokio::spawn(reload_on_sighup(
-        config.clone(),
-        allowed.clone(),
-        shutdown.drain.clone(),
-    ));
-    let upstream = config.upstream_options();
-    let loops = TaskTracker::new();
-    let tcp = if config.protocols.tcp {
-        let ctx = start_tcp(config, upstream, &allowed, metrics, &loops, &shutdown.drain)?;
-        let _ = live.mode.set(ctx.proxy.forwarder.name());
-        if let Some(stats) = ctx.proxy.forwarder.datapath_stats() {
-            let _ = live.datapath.set(stats);
-        }
-        Some(ctx)
-    } else {
-        None
-    };
-    let udp = if config.protocols.udp {
-        let udp = start_udp(config, upstream, &allowed, &loops, &shutdown.drain)?;
-        let _ = live.udp.set(udp.clone());
-        Some(udp)
-    } else {
-        None
-    };
-    metrics.set_ready();
+/// What serving needs, borrowed from [`run`].
+struct Serving<'a> {
+    config: &'a Arc<Config>,
+    metrics: &'a Arc<Metrics>,
+    live: &'a Arc<LiveCounters>,
+    shutdown: &'a Shutdown,
+    routes: &'a Arc<RouteOwner>,
+}
 
-    shutdown.drain.cancelled().await;
-    loops.close();
-    loops.wait().await;
-    if let Some(ctx) = tcp {
-        drain_tcp(&ctx, config.drain_timeout, &shutdown.now).await;
+impl Serving<'_> {
+    /// Starts the accept loops, serves until shutdown, drains.
+    async fn serve(
+        &self,
+        listeners: Listeners,
+        predecessor: Option<Predecessor>,
+        upgrades: Option<(Launch, Vec<HandoverSocket>)>,
+    ) -> Result<(), StartError> {
+        let (config, shutdown) = (self.config, self.shutdown);
+        if !config.quiet {
+            log_start_checks(config).await;
+        }
+        warn_if_open(config);
+        let allowed = Arc::new(ArcSwap::from_pointee(config.allowed_subnets.clone()));
+        tokio::spawn(reload_on_sighup(
+            config.clone(),
+            allowed.clone(),
+            shutdown.drain.clone(),
+        ));
+        let loops = TaskTracker::new();
+        let tcp = self.start_tcp(listeners.tcp, &allowed, &loops)?;
+        let udp = self.start_udp(listeners.udp, &allowed, &loops)?;
+        self.metrics.set_ready();
+        activation::notify(&[NotifyState::Ready]);
+        if let Some(predecessor) = predecessor {
+            self.follow(predecessor).await;
+        }
+        if let Some((launch, sockets)) = upgrades {
+            tokio::spawn(upgrade_on_sigusr2(
+                launch,
+                sockets,
+                self.routes.clone(),
+                shutdown.drain.clone(),
+            ));
+        }
+
+        shutdown.drain.cancelled().await;
+        loops.close();
+        loops.wait().await;
+        if let Some(ctx) = tcp {
+            drain_tcp(&ctx, config.drain_timeout, &shutdown.now).await;
+        }
+        if let Some(udp) = udp {
+            let counters = udp.stats.counters();
+            info!(?counters, header_errors = ?udp.stats.header_errors(),
+                  session_errors = ?udp.stats.session_errors(),
+                  policy_refusals = ?udp.stats.policy_refusals(), "udp counters at exit");
+        }
+        Ok(())
     }
-    if let Some(udp) = udp {
-        let counters = udp.stats.counters();
-        info!(?counters, header_errors = ?udp.stats.header_errors(),
-              session_errors = ?udp.stats.session_errors(),
-              policy_refusals = ?udp.stats.policy_refusals(), "udp counters at exit");
+
+    fn start_tcp(
+        &self,
+        sockets: Vec<socket2::Socket>,
+        allowed: &Arc<ArcSwap<AllowedSubnets>>,
+        loops: &TaskTracker,
+    ) -> Result<Option<AcceptContext>, StartError> {
+        if sockets.is_empty() {
+            return Ok(None);
+        }
+        let config = self.config;
+        let forwarder = Forwarder::for_mode(config.mode, config.ebpf_max_backlog)
+            .map_err(|e| StartError::EbpfUnavailable(error_chain(&e)))?;
+        let ctx = AcceptContext {
+            proxy: Arc::new(TcpProxy {
+                config: config.clone(),
+                upstream: config.upstream_options(),
+                forwarder,
+                metrics: self.metrics.clone(),
+                abort: CancellationToken::new(),
+                refusal_log: LogLimiter::new(REFUSAL_LOG_INTERVAL),
+                header_gate: EvictingGate::new(config.max_pending_headers as usize),
+                sources: SourceCounter::new(config.max_conns_per_source),
+            }),
+            allowed: allowed.clone(),
+            permits: Arc::new(Semaphore::new(config.max_connections as usize)),
+            connections: TaskTracker::new(),
+            shutdown: self.shutdown.drain.clone(),
+        };
+        let count = sockets.len();
+        for socket in sockets {
+            let listener =
+                tokio::net::TcpListener::from_std(socket.into()).map_err(StartError::Register)?;
+            loops.spawn(listener::accept_loop(listener, ctx.clone()));
+        }
+        let _ = self.live.mode.set(ctx.proxy.forwarder.name());
+        if let Some(stats) = ctx.proxy.forwarder.datapath_stats() {
+            let _ = self.live.datapath.set(stats);
+        }
+        info!(
+            listen = %display_addrs(&config.policy.listening),
+            listeners = count,
+            target4 = %config.target4,
+            target6 = %config.target6,
+            mode = ctx.proxy.forwarder.name(),
+            "listening (tcp)"
+        );
+        Ok(Some(ctx))
     }
-    Ok(())
+
+    fn start_udp(
+        &self,
+        sockets: Vec<socket2::Socket>,
+        allowed: &Arc<ArcSwap<AllowedSubnets>>,
+        loops: &TaskTracker,
+    ) -> Result<Option<Arc<UdpProxy>>, StartError> {
+        if sockets.is_empty() {
+            return Ok(None);
+        }
+        let (config, shutdown) = (self.config, &self.shutdown.drain);
+        let proxy = Arc::new(UdpProxy::new(
+            config.clone(),
+            config.upstream_options(),
+            allowed.clone(),
+        ));
+        let count = sockets.len();
+        for socket in sockets {
+            // Packet info is needed on a wildcard address: ask the socket,
+            // which may be a handed-over one.
+            let bound = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .unwrap_or(config.listen);
+            let socket = FrontendSocket::new(socket, bound).map_err(StartError::Register)?;
+            loops.spawn(proxy.clone().serve(Arc::new(socket), shutdown.clone()));
+        }
+        loops.spawn(proxy.clone().sweep(shutdown.clone()));
+        let _ = self.live.udp.set(proxy.clone());
+        info!(
+            listen = %display_addrs(&config.policy.listening),
+            listeners = count,
+            target4 = %config.target4,
+            target6 = %config.target6,
+            header = ?config.udp_header,
+            close_after = ?config.udp_idle_timeout,
+            max_sessions = config.max_udp_sessions,
+            "listening (udp)"
+        );
+        Ok(Some(proxy))
+    }
+
+    /// A successor's last start-up step: tell the old instance we serve,
+    /// wait until it has stopped accepting, take the routing over.
+    async fn follow(&self, mut predecessor: Predecessor) {
+        if let Err(e) = predecessor.ready() {
+            warn!(error = %e, "upgrade: cannot tell the old instance that we serve");
+        }
+        info!("upgrade: serving; the old instance stops accepting and drains");
+        tokio::select! {
+            () = predecessor.released() => {}
+            () = self.shutdown.drain.cancelled() => return,
+        }
+        if !self.config.setup_routes {
+            return;
+        }
+        if let Err(e) = self.routes.take_over(self.config).await {
+            warn!(error = %error_chain(&e), "upgrade: cannot take over the --setup-routes routing; it stays in place but will not be removed at exit");
+        }
+    }
+}
+
+/// SIGUSR2: start the binary at our own path with our flags, hand it the
+/// listening sockets, and once it serves, stop accepting and drain. A
+/// failed upgrade leaves this instance serving as before.
+async fn upgrade_on_sigusr2(
+    launch: Launch,
+    sockets: Vec<HandoverSocket>,
+    routes: Arc<RouteOwner>,
+    drain: CancellationToken,
+) {
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        warn!("cannot handle SIGUSR2; upgrades are off");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = usr2.recv() => {}
+            () = drain.cancelled() => return,
+        }
+        info!(exe = %launch.exe.display(), "SIGUSR2: starting the new instance");
+        match upgrade::start_successor(&launch, &sockets).await {
+            Ok(successor) => {
+                info!(
+                    pid = successor.pid,
+                    "upgrade: the new instance serves; this one stops accepting and drains"
+                );
+                activation::notify(&[NotifyState::MainPid(successor.pid)]);
+                // In this order: the routing must be let go of before the
+                // drain can end in removing it.
+                routes.hand_over();
+                drain.cancel();
+                successor.release().await;
+                return;
+            }
+            Err(e) => {
+                warn!(error = %error_chain(&e), "upgrade failed; this instance keeps serving");
+            }
+        }
+    }
+}
+
+/// Addresses for a log line.
+fn display_addrs(addrs: &[std::net::SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `--setup-routes`: adds what is missing, remembering it for the exit.
@@ -223,77 +502,6 @@ async fn reload_on_sighup(
             }
         }
     }
-}
-
-fn start_tcp(
-    config: &Arc<Config>,
-    upstream: UpstreamOptions,
-    allowed: &Arc<ArcSwap<AllowedSubnets>>,
-    metrics: &Arc<Metrics>,
-    loops: &TaskTracker,
-    shutdown: &CancellationToken,
-) -> Result<AcceptContext, StartError> {
-    let forwarder = Forwarder::for_mode(config.mode, config.ebpf_max_backlog)
-        .map_err(|e| StartError::EbpfUnavailable(error_chain(&e)))?;
-    let sockets = listener::bind_sockets(&listen_options(config))?;
-    let ctx = AcceptContext {
-        proxy: Arc::new(TcpProxy {
-            config: config.clone(),
-            upstream,
-            forwarder,
-            metrics: metrics.clone(),
-            abort: CancellationToken::new(),
-            refusal_log: LogLimiter::new(REFUSAL_LOG_INTERVAL),
-            header_gate: EvictingGate::new(config.max_pending_headers as usize),
-            sources: SourceCounter::new(config.max_conns_per_source),
-        }),
-        allowed: allowed.clone(),
-        permits: Arc::new(Semaphore::new(config.max_connections as usize)),
-        connections: TaskTracker::new(),
-        shutdown: shutdown.clone(),
-    };
-    for socket in sockets {
-        let std_listener: std::net::TcpListener = socket.into();
-        let listener =
-            tokio::net::TcpListener::from_std(std_listener).map_err(StartError::Register)?;
-        loops.spawn(listener::accept_loop(listener, ctx.clone()));
-    }
-    info!(
-        listen = %config.listen,
-        listeners = config.listeners,
-        target4 = %config.target4,
-        target6 = %config.target6,
-        mode = ctx.proxy.forwarder.name(),
-        "listening (tcp)"
-    );
-    Ok(ctx)
-}
-
-fn start_udp(
-    config: &Arc<Config>,
-    upstream: UpstreamOptions,
-    allowed: &Arc<ArcSwap<AllowedSubnets>>,
-    loops: &TaskTracker,
-    shutdown: &CancellationToken,
-) -> Result<Arc<UdpProxy>, StartError> {
-    let sockets = listener::bind_udp_sockets(&listen_options(config))?;
-    let proxy = Arc::new(UdpProxy::new(config.clone(), upstream, allowed.clone()));
-    for socket in sockets {
-        let socket = FrontendSocket::new(socket, config.listen).map_err(StartError::Register)?;
-        loops.spawn(proxy.clone().serve(Arc::new(socket), shutdown.clone()));
-    }
-    loops.spawn(proxy.clone().sweep(shutdown.clone()));
-    info!(
-        listen = %config.listen,
-        listeners = config.listeners,
-        target4 = %config.target4,
-        target6 = %config.target6,
-        header = ?config.udp_header,
-        close_after = ?config.udp_idle_timeout,
-        max_sessions = config.max_udp_sessions,
-        "listening (udp)"
-    );
-    Ok(proxy)
 }
 
 fn listen_options(config: &Config) -> ListenOptions {

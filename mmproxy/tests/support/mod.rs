@@ -172,6 +172,21 @@ impl Netns {
         ip(&all);
     }
 
+    /// The policy routing of the namespace, as text to compare.
+    pub fn routing_listing(&self) -> String {
+        [
+            self.ip_output(&["rule", "show"]),
+            self.ip_output(&["-6", "rule", "show"]),
+            self.ip_output(&[
+                "route", "show", "table", "all", "type", "local", "dev", "lo",
+            ]),
+            self.ip_output(&[
+                "-6", "route", "show", "table", "all", "type", "local", "dev", "lo",
+            ]),
+        ]
+        .join("")
+    }
+
     /// A command that runs inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("ip");
