@@ -260,6 +260,39 @@ async fn churn(churn: Arc<Churn>, stop: Arc<AtomicBool>) {
     }
 }
 
+/// An echo backend, three long transfers (each sends `true` on `long`
+/// when it ends exact) and the connection churn, in `ns`.
+fn start_traffic(
+    ns: &Netns,
+    churned: &Arc<Churn>,
+    stop: &Arc<AtomicBool>,
+) -> (support::Background, std::sync::mpsc::Receiver<bool>) {
+    let (long_tx, long_rx) = std::sync::mpsc::channel();
+    let (churned, stop) = (churned.clone(), stop.clone());
+    let traffic = ns.spawn(async move {
+        let _backend = Backend::start(BACKEND4, BackendKind::Echo).await;
+        let long: Vec<_> = (0..3u16)
+            .map(|i| {
+                let client = SocketAddr::new(sa("192.0.2.8:1").ip(), 41_000 + i);
+                tokio::spawn(echo_verified_with_pauses(
+                    sa(PROXY4),
+                    client,
+                    LONG_TOTAL,
+                    Some((4 << 20, Duration::from_millis(100))),
+                ))
+            })
+            .collect();
+        let client_loop = tokio::spawn(churn(churned, stop));
+        for t in long {
+            let outcome = t.await.unwrap();
+            long_tx.send(outcome.is_complete(LONG_TOTAL)).unwrap();
+        }
+        let _ = client_loop.await;
+        std::future::pending::<()>().await;
+    });
+    (traffic, long_rx)
+}
+
 /// The upgrade contract: a client that keeps opening connections sees
 /// none refused or reset, transfers begun before it finish exact (the
 /// old instance drains them), the old instance exits 0, and the
@@ -289,31 +322,7 @@ fn upgrade_refuses_nothing_and_finishes_long_transfers(mode: &str) {
     );
     let churned = Arc::new(Churn::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let (long_tx, long_rx) = std::sync::mpsc::channel();
-    let _traffic = {
-        let (churned, stop) = (churned.clone(), stop.clone());
-        ns.spawn(async move {
-            let _backend = Backend::start(BACKEND4, BackendKind::Echo).await;
-            let long: Vec<_> = (0..3u16)
-                .map(|i| {
-                    let client = SocketAddr::new(sa("192.0.2.8:1").ip(), 41_000 + i);
-                    tokio::spawn(echo_verified_with_pauses(
-                        sa(PROXY4),
-                        client,
-                        LONG_TOTAL,
-                        Some((4 << 20, Duration::from_millis(100))),
-                    ))
-                })
-                .collect();
-            let client_loop = tokio::spawn(churn(churned, stop));
-            for t in long {
-                let outcome = t.await.unwrap();
-                long_tx.send(outcome.is_complete(LONG_TOTAL)).unwrap();
-            }
-            let _ = client_loop.await;
-            std::future::pending::<()>().await;
-        })
-    };
+    let (_traffic, long_rx) = start_traffic(&ns, &churned, &stop);
     std::thread::sleep(Duration::from_millis(400));
     let ok_before = churned.ok.load(Ordering::Relaxed);
     assert!(ok_before > 0, "the churn runs before the upgrade");
