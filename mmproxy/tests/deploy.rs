@@ -501,3 +501,56 @@ fn a_udp_flow_continues_through_an_upgrade() {
     );
     assert!(new.stop(Duration::from_secs(10)));
 }
+
+/// Reads `NOTIFY_SOCKET` datagrams until one contains `wanted`.
+fn wait_for_notification(sock: &std::os::unix::net::UnixDatagram, wanted: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let found = message.lines().any(|l| l == wanted);
+            seen.push(message);
+            if found {
+                return seen;
+            }
+        }
+    }
+    panic!("no {wanted:?} on NOTIFY_SOCKET within 10 s; seen {seen:?}");
+}
+
+/// What a `Type=notify` unit relies on: READY=1 once serving, MAINPID=
+/// of the new instance from the old one after an upgrade, STOPPING=1 on
+/// SIGTERM.
+#[test]
+fn systemd_hears_ready_the_new_main_pid_and_stopping() {
+    let Some(_root) = netns_or_skip("systemd_hears_ready_the_new_main_pid_and_stopping") else {
+        return;
+    };
+    let ns = Netns::new();
+    let dir = std::env::temp_dir().join(format!("mmproxy-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify");
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut cmd = ns.command(daemon_binary());
+    cmd.env("NOTIFY_SOCKET", &path);
+    let mut old = Daemon::start_with(
+        cmd,
+        &[
+            "-l", PROXY4, "-4", BACKEND4, "-6", BACKEND6, "--mode", "plain",
+        ],
+    );
+    wait_for_notification(&sock, "READY=1");
+    old.signal(Signal::USR2);
+    let line = old.wait_for_log("upgrade: the new instance serves", Duration::from_secs(20));
+    let new = Orphan::from_log(&line);
+    wait_for_notification(&sock, &format!("MAINPID={}", new.0));
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0));
+    new.signal(Signal::TERM);
+    wait_for_notification(&sock, "STOPPING=1");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,6 +5,7 @@
 
 mod bench;
 mod build_ebpf;
+mod deb;
 mod exec;
 mod fuzz;
 mod run;
@@ -32,6 +33,9 @@ enum Task {
     Fuzz(fuzz::Options),
     /// The ebpf data path's soak, deeper than `test`, known defects included.
     Soak(soak::Options),
+    /// Build the Debian package (target/deb/); `--check` also installs it
+    /// into a throwaway root and tries it (root).
+    Deb(deb::Options),
     /// Every subject (direct, plain, ebpf, go-mmproxy) under the same
     /// workloads; writes docs/benchmarks.md and its chart. Needs root.
     Bench(bench::Options),
@@ -46,6 +50,7 @@ fn main() {
         Task::Fuzz(opts) => fuzz::fuzz(&opts),
         Task::Soak(opts) => soak::soak(&opts),
         Task::Bench(opts) => bench::bench(&opts),
+        Task::Deb(opts) => deb::deb(&opts),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the project's one test command (README, CI).
 //!
 //! Builds the BPF object, then checks formatting, runs clippy with warnings
-//! denied and runs every test, the privileged ones included, then a short
+//! denied and runs every test, the privileged ones included, then builds
+//! the Debian package and tries it in a throwaway root, then a short
 //! benchmark smoke. Tests that need root skip loudly without it, and fail
 //! instead when `CI=true`.
 
@@ -37,6 +38,10 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("/usr/sbin/nft", "nftables"),
     // The peer the benchmark smoke runs beside mmproxy.
     ("/usr/bin/go-mmproxy", "go-mmproxy"),
+    // The Debian package and its install check (xtask/src/deb.rs).
+    ("/usr/bin/dpkg-shlibdeps", "dpkg-dev"),
+    ("/usr/bin/systemd-analyze", "systemd"),
+    ("/usr/bin/python3", "python3"),
 ];
 
 pub(crate) fn test(opts: &Options) -> Result<()> {
@@ -82,9 +87,25 @@ pub(crate) fn test(opts: &Options) -> Result<()> {
     )
     .context("tests failed")?;
     if opts.args.is_empty() {
+        package_check()?;
         bench_smoke()?;
     }
     Ok(())
+}
+
+/// `cargo xtask deb --check`: the package builds, installs into a
+/// throwaway root, runs `mmproxy check` there, removes and purges.
+fn package_check() -> Result<()> {
+    if !is_root() {
+        eprintln!("\n*** xtask: not root: the Debian package check SKIPPED ***\n");
+        anyhow::ensure!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: the package check must run, not skip"
+        );
+        return Ok(());
+    }
+    let package = crate::deb::build()?;
+    crate::deb::check(&package)
 }
 
 /// `cargo xtask bench --quick` into target/, so that the harness cannot
