@@ -415,8 +415,10 @@ impl Drop for Installed {
 }
 
 #[test]
-fn a_failed_upgrade_keeps_the_old_instance_serving() {
-    let Some(_root) = netns_or_skip("a_failed_upgrade_keeps_the_old_instance_serving") else {
+fn a_failed_upgrade_keeps_the_old_instance_serving_and_upgrades_chain() {
+    let Some(_root) =
+        netns_or_skip("a_failed_upgrade_keeps_the_old_instance_serving_and_upgrades_chain")
+    else {
         return;
     };
     let ns = Netns::new();
@@ -452,7 +454,23 @@ fn a_failed_upgrade_keeps_the_old_instance_serving() {
     let new = Orphan::from_log(&line);
     assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0));
     assert_eq!(exchange_once(42_002), b"still here");
-    assert!(new.stop(Duration::from_secs(10)));
+
+    // The upgraded instance upgrades in turn (its log shares the pipe).
+    new.signal(Signal::USR2);
+    let line = old.wait_for_nth_log(
+        "upgrade: the new instance serves",
+        2,
+        Duration::from_secs(20),
+    );
+    let newer = Orphan::from_log(&line);
+    assert_ne!(newer.0, new.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while new.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!new.alive(), "the second instance drains and exits");
+    assert_eq!(exchange_once(42_003), b"still here");
+    assert!(newer.stop(Duration::from_secs(10)));
 }
 
 #[test]

@@ -460,6 +460,29 @@ impl Daemon {
         }
     }
 
+    /// Waits for the `n`th log line containing `needle` (1-based): for a
+    /// line that a later process sharing this log (an upgraded daemon)
+    /// writes again.
+    pub fn wait_for_nth_log(&self, needle: &str, n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let matching: Vec<String> = self
+                .log()
+                .into_iter()
+                .filter(|l| l.contains(needle))
+                .collect();
+            if let Some(line) = matching.get(n - 1) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {n} log lines with {needle:?} within {timeout:?}; log:\n{}",
+                self.log().join("\n")
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
     }
