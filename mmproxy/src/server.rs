@@ -95,6 +95,7 @@ pub async fn run(
     startup: Startup,
     shutdown: Shutdown,
 ) -> Result<(), StartError> {
+    let signals = Signals::register();
     let Startup {
         inherited,
         predecessor,
@@ -135,7 +136,9 @@ pub async fn run(
         shutdown: &shutdown,
         routes: &routes,
     };
-    let served = serving.serve(listeners, predecessor, upgrades).await;
+    let served = serving
+        .serve(listeners, predecessor, upgrades, signals)
+        .await;
     routes.remove().await;
     served
 }
@@ -219,6 +222,33 @@ impl RouteOwner {
     }
 }
 
+/// SIGHUP (reload) and SIGUSR2 (upgrade), registered first thing: until
+/// a handler exists either signal kills the process.
+#[derive(Debug)]
+struct Signals {
+    hangup: Option<tokio::signal::unix::Signal>,
+    usr2: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Self {
+        let register = |kind, what| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot handle {what}");
+                None
+            }
+        };
+        Self {
+            hangup: register(
+                SignalKind::hangup(),
+                "SIGHUP; --allowed-subnets cannot be reloaded",
+            ),
+            usr2: register(SignalKind::user_defined2(), "SIGUSR2; upgrades are off"),
+        }
+    }
+}
+
 /// What serving needs, borrowed from [`run`].
 struct Serving<'a> {
     config: &'a Arc<Config>,
@@ -235,6 +265,7 @@ impl Serving<'_> {
         listeners: Listeners,
         predecessor: Option<Predecessor>,
         upgrades: Option<(Launch, Vec<HandoverSocket>)>,
+        signals: Signals,
     ) -> Result<(), StartError> {
         let (config, shutdown) = (self.config, self.shutdown);
         if !config.quiet {
@@ -242,26 +273,32 @@ impl Serving<'_> {
         }
         warn_if_open(config);
         let allowed = Arc::new(ArcSwap::from_pointee(config.allowed_subnets.clone()));
-        tokio::spawn(reload_on_sighup(
-            config.clone(),
-            allowed.clone(),
-            shutdown.drain.clone(),
-        ));
-        let loops = TaskTracker::new();
-        let tcp = self.start_tcp(listeners.tcp, &allowed, &loops)?;
-        let udp = self.start_udp(listeners.udp, &allowed, &loops)?;
-        self.metrics.set_ready();
-        activation::notify(&[NotifyState::Ready]);
-        if let Some(predecessor) = predecessor {
-            self.follow(predecessor).await;
+        if let Some(hangup) = signals.hangup {
+            tokio::spawn(reload_on_sighup(
+                hangup,
+                config.clone(),
+                allowed.clone(),
+                shutdown.drain.clone(),
+            ));
         }
-        if let Some((launch, sockets)) = upgrades {
+        if let (Some(usr2), Some((launch, sockets))) = (signals.usr2, upgrades) {
             tokio::spawn(upgrade_on_sigusr2(
+                usr2,
                 launch,
                 sockets,
                 self.routes.clone(),
                 shutdown.drain.clone(),
             ));
+        }
+        let loops = TaskTracker::new();
+        let tcp = self.start_tcp(listeners.tcp, &allowed, &loops)?;
+        let udp = self.start_udp(listeners.udp, &allowed, &loops)?;
+        self.metrics.set_ready();
+        match predecessor {
+            // systemd hears of a successor through its predecessor
+            // (MAINPID=); it is not the main PID yet, so it stays quiet.
+            Some(predecessor) => self.follow(predecessor).await,
+            None => activation::notify(&[NotifyState::Ready]),
         }
 
         shutdown.drain.cancelled().await;
@@ -394,15 +431,12 @@ impl Serving<'_> {
 /// listening sockets, and once it serves, stop accepting and drain. A
 /// failed upgrade leaves this instance serving as before.
 async fn upgrade_on_sigusr2(
+    mut usr2: tokio::signal::unix::Signal,
     launch: Launch,
     sockets: Vec<HandoverSocket>,
     routes: Arc<RouteOwner>,
     drain: CancellationToken,
 ) {
-    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
-        warn!("cannot handle SIGUSR2; upgrades are off");
-        return;
-    };
     loop {
         tokio::select! {
             _ = usr2.recv() => {}
@@ -475,14 +509,11 @@ async fn log_start_checks(config: &Config) {
 
 /// SIGHUP re-reads `--allowed-subnets`; a bad file keeps the old list.
 async fn reload_on_sighup(
+    mut hangup: tokio::signal::unix::Signal,
     config: Arc<Config>,
     allowed: Arc<ArcSwap<AllowedSubnets>>,
     shutdown: CancellationToken,
 ) {
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        warn!("cannot handle SIGHUP; --allowed-subnets cannot be reloaded");
-        return;
-    };
     loop {
         tokio::select! {
             _ = hangup.recv() => {}

@@ -24,7 +24,7 @@ use std::{
         unix::{net::UnixStream, process::CommandExt as _},
     },
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -89,7 +89,6 @@ pub struct HandoverSocket {
 pub struct Successor {
     pub pid: u32,
     channel: BufReader<tokio::net::UnixStream>,
-    _child: Child,
 }
 
 /// Starts `launch` and hands it `sockets`; returns once it serves.
@@ -101,35 +100,62 @@ pub async fn start_successor(
         return Err(UpgradeError::TooMany(sockets.len()));
     }
     let (ours, theirs) = UnixStream::pair().map_err(UpgradeError::Send)?;
-    let mut child = spawn(launch, &theirs)?;
+    spawn_detached(launch, &theirs)?;
     drop(theirs);
-    let handed = send_sockets(&ours, sockets).map_err(UpgradeError::Send);
-    let ready = match handed {
-        Ok(()) => wait_until_ready(ours).await,
-        Err(e) => Err(e),
+    send_sockets(&ours, sockets).map_err(UpgradeError::Send)?;
+    ours.set_nonblocking(true).map_err(UpgradeError::Send)?;
+    let pair = tokio::net::UnixStream::from_std(ours).map_err(UpgradeError::Send)?;
+    let mut channel = BufReader::new(pair);
+    let pid = match next_line(&mut channel).await?.strip_prefix("started ") {
+        Some(pid) => pid
+            .parse()
+            .map_err(|_| UpgradeError::NotReady(format!("it sent pid {pid:?}")))?,
+        None => return Err(UpgradeError::NotReady("it did not say it started".into())),
     };
-    match ready {
-        Ok(channel) => Ok(Successor {
-            pid: child.id(),
-            channel,
-            _child: child,
-        }),
+    match next_line(&mut channel).await {
+        Ok(line) if line == "ready" => Ok(Successor { pid, channel }),
+        Ok(line) => Err(UpgradeError::NotReady(format!("it said {line:?}"))),
         Err(e) => {
-            // Gone already, or stuck: either way not ours to keep.
-            let _ = child.kill();
-            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+            // Stuck or gone: either way not ours to keep.
+            if let Some(pid) = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
             Err(e)
         }
     }
 }
 
-fn spawn(launch: &Launch, theirs: &UnixStream) -> Result<Child, UpgradeError> {
+/// One line from the new instance, within [`READY_TIMEOUT`].
+async fn next_line(
+    channel: &mut BufReader<tokio::net::UnixStream>,
+) -> Result<String, UpgradeError> {
+    let mut line = String::new();
+    match tokio::time::timeout(READY_TIMEOUT, channel.read_line(&mut line)).await {
+        Err(_) => Err(UpgradeError::Timeout(READY_TIMEOUT)),
+        Ok(Ok(0)) => Err(UpgradeError::NotReady("its log says why".into())),
+        Ok(Ok(_)) => Ok(line.trim_end().to_owned()),
+        Ok(Err(e)) => Err(UpgradeError::NotReady(e.to_string())),
+    }
+}
+
+/// Starts the new instance as a grandchild whose parent exits at once, so
+/// that it is re-parented to the service manager (PID 1, or the nearest
+/// subreaper) before we name it the main PID. systemd supervises a main
+/// PID that is not its own child only half: on `systemctl stop` it sent
+/// SIGTERM and SIGKILL together (seen on systemd 252, the package check),
+/// which cut the drain and left the routing behind.
+fn spawn_detached(launch: &Launch, theirs: &UnixStream) -> Result<(), UpgradeError> {
     let fd = theirs.as_raw_fd();
     let mut cmd = Command::new(&launch.exe);
     cmd.args(&launch.args)
         .env(ENV_FD, fd.to_string())
         .stdin(Stdio::null());
-    // SAFETY: only fcntl, which is async-signal-safe, between fork and exec.
+    // SAFETY: only fcntl, fork and _exit, all async-signal-safe, between
+    // fork and exec; the intermediate process runs no Rust code after its
+    // fork.
     unsafe {
         cmd.pre_exec(move || {
             // The pair is close-on-exec like every descriptor of ours;
@@ -137,13 +163,20 @@ fn spawn(launch: &Launch, theirs: &UnixStream) -> Result<Child, UpgradeError> {
             if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            match libc::fork() {
+                -1 => Err(io::Error::last_os_error()),
+                0 => Ok(()),
+                _ => libc::_exit(0),
+            }
         });
     }
-    cmd.spawn().map_err(|source| UpgradeError::Spawn {
+    let mut intermediate = cmd.spawn().map_err(|source| UpgradeError::Spawn {
         exe: launch.exe.clone(),
         source,
-    })
+    })?;
+    // It exits at once; reap it.
+    let _ = intermediate.wait();
+    Ok(())
 }
 
 fn send_sockets(pair: &UnixStream, sockets: &[HandoverSocket]) -> io::Result<()> {
@@ -169,25 +202,6 @@ fn send_sockets(pair: &UnixStream, sockets: &[HandoverSocket]) -> io::Result<()>
         ));
     }
     Ok(())
-}
-
-async fn wait_until_ready(
-    pair: UnixStream,
-) -> Result<BufReader<tokio::net::UnixStream>, UpgradeError> {
-    pair.set_nonblocking(true).map_err(UpgradeError::Send)?;
-    let pair = tokio::net::UnixStream::from_std(pair).map_err(UpgradeError::Send)?;
-    let mut channel = BufReader::new(pair);
-    let mut line = String::new();
-    match tokio::time::timeout(READY_TIMEOUT, channel.read_line(&mut line)).await {
-        Err(_) => Err(UpgradeError::Timeout(READY_TIMEOUT)),
-        Ok(Ok(_)) if line.trim_end() == "ready" => Ok(channel),
-        Ok(Ok(0)) => Err(UpgradeError::NotReady("its log says why".into())),
-        Ok(Ok(_)) => Err(UpgradeError::NotReady(format!(
-            "it said {:?}",
-            line.trim_end()
-        ))),
-        Ok(Err(e)) => Err(UpgradeError::NotReady(e.to_string())),
-    }
 }
 
 impl Successor {
@@ -246,7 +260,12 @@ impl Predecessor {
             .set_read_timeout(Some(READY_TIMEOUT))
             .map_err(|e| UpgradeError::Receive(e.to_string()))?;
         let sockets = receive_sockets(&channel).map_err(UpgradeError::Receive)?;
-        Ok(Some((Self { channel }, sockets)))
+        let mut predecessor = Self { channel };
+        predecessor
+            .channel
+            .write_all(format!("started {}\n", std::process::id()).as_bytes())
+            .map_err(|e| UpgradeError::Receive(e.to_string()))?;
+        Ok(Some((predecessor, sockets)))
     }
 
     /// Tells the old instance that we serve.

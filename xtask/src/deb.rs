@@ -9,12 +9,15 @@
 //! - a man page and bash, zsh and fish completions, generated from the
 //!   daemon's own flag definitions (`mmproxy generate ...`).
 //!
-//! `--check` (and `cargo xtask test`, as root) installs the package into a
-//! throwaway overlay of this machine's root, in a mount namespace of its
-//! own, and runs what an operator would: `dpkg -i`, `mmproxy --version`,
-//! `systemd-analyze verify` on the unit, `mmproxy check` in a fresh network
-//! namespace with the routing and a backend, then removal and purge. The
-//! host's own root is never written.
+//! `--check` (and `cargo xtask test`, as root) boots a throwaway machine
+//! (`systemd-nspawn` on an overlay of this machine's root, in a mount
+//! namespace of its own, with its own network namespace) and does there
+//! what an operator would: `dpkg -i`, `systemctl start mmproxy` (the
+//! hardened unit: dynamic user, capabilities, `Type=notify`), a proxied
+//! request whose backend sees the header's client, an upgrade in place
+//! with SIGUSR2 (systemd follows the new main PID), `systemctl stop`
+//! (the routing goes), removal and purge. The host's own root and
+//! network are never written.
 
 use std::{
     fs,
@@ -248,59 +251,109 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
         .with_context(|| format!("chmod {}", path.display()))
 }
 
-/// Sets up the throwaway root: a tmpfs holding an overlay of `/`, with
-/// /proc, /sys and /dev, and the package copied in; then runs [`TRY_IT`]
-/// inside it with chroot. All of it dies with the mount namespace.
-const THROWAWAY_ROOT: &str = r#"
+/// Sets up the throwaway machine: a tmpfs holding an overlay of `/`, the
+/// package and [`TRY_IT`] copied in, a unit that runs it once the
+/// machine has booted and powers off after; then boots it with
+/// `systemd-nspawn` (its own network namespace, systemd as PID 1). All of
+/// it dies with the mount namespace; the result stays in `$OVL/upper`.
+const THROWAWAY_MACHINE: &str = r#"
 set -eu
 mount -t tmpfs tmpfs "$OVL"
 mkdir "$OVL/upper" "$OVL/work" "$OVL/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$OVL/upper,workdir=$OVL/work" "$OVL/root"
-for d in proc sys dev; do mount --rbind "/$d" "$OVL/root/$d"; done
-cp "$DEB" "$OVL/root/tmp/mmproxy.deb"
-exec chroot "$OVL/root" sh -eux -c "$TRY_IT"
+R="$OVL/root"
+cp "$DEB" "$R/var/tmp/mmproxy.deb"
+printf '%s\n' "$TRY_IT" > "$R/var/tmp/try-it.sh"
+cat > "$R/etc/systemd/system/try-it.service" <<'UNIT'
+[Unit]
+Description=try the mmproxy package
+After=multi-user.target
+SuccessAction=poweroff
+FailureAction=poweroff
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -eux /var/tmp/try-it.sh
+StandardOutput=file:/var/tmp/try-it.log
+StandardError=inherit
+[Install]
+WantedBy=multi-user.target
+UNIT
+ln -s /etc/systemd/system/try-it.service "$R/etc/systemd/system/multi-user.target.wants/try-it.service"
+timeout 300 systemd-nspawn --quiet --register=no --keep-unit --link-journal=no \
+    --private-network --capability=CAP_BPF,CAP_PERFMON --system-call-filter=bpf \
+    -D "$R" --boot > "$OVL/../machine-console.log" 2>&1 || true
+cp "$OVL/upper/var/tmp/try-it.log" "$OVL/../try-it.log"
 "#;
 
-/// What an operator does with the package, each step failing the check.
+/// What an operator does with the package on a machine run by systemd,
+/// each step failing the check.
 const TRY_IT: &str = r#"
 if dpkg -s mmproxy >/dev/null 2>&1; then dpkg --purge mmproxy >/dev/null; fi
 test ! -e /usr/bin/mmproxy
-dpkg -i /tmp/mmproxy.deb
+dpkg -i /var/tmp/mmproxy.deb
 mmproxy --version
 test -s /usr/share/man/man1/mmproxy.1.gz
 zcat /usr/share/man/man1/mmproxy.1.gz | grep -q 'SIGUSR2'
 test -s /usr/share/bash-completion/completions/mmproxy
 test -s /usr/share/zsh/vendor-completions/_mmproxy
 test -s /usr/share/fish/vendor_completions.d/mmproxy.fish
-grep -q '^MMPROXY_OPTS=' /etc/default/mmproxy
 systemd-analyze verify /lib/systemd/system/mmproxy.service
-unshare --net sh -eu -c '
-    ip link set lo up
-    ip rule add from 127.0.0.1/8 iif lo table 123
-    ip route add local 0.0.0.0/0 dev lo table 123
-    ip -6 rule add from ::1/128 iif lo table 123
-    ip -6 route add local ::/0 dev lo table 123
-    python3 -m http.server -b 127.0.0.1 8080 >/dev/null 2>&1 & v4=$!
-    python3 -m http.server -b ::1 8080 >/dev/null 2>&1 & v6=$!
-    sleep 1
-    mmproxy check -4 127.0.0.1:8080 -6 [::1]:8080 --mode ebpf
-    kill $v4 $v6
-'
+python3 -m http.server -b 127.0.0.1 8080 2>/var/tmp/backend.log >/dev/null &
+python3 -m http.server -b ::1 8080 >/dev/null 2>&1 &
+for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:8080/ && curl -s -o /dev/null 'http://[::1]:8080/' && break; sleep 0.1; done
+sed -i 's/-4 127.0.0.1:443 -6 \[::1\]:443/-4 127.0.0.1:8080 -6 [::1]:8080/' /etc/default/mmproxy
+systemctl start mmproxy
+systemctl is-active mmproxy
+. /etc/default/mmproxy
+mmproxy check $MMPROXY_OPTS --mode ebpf
+curl -sf http://127.0.0.1:9100/healthz
+get() {
+    python3 -c 'import socket
+s = socket.create_connection(("127.0.0.1", 8443))
+s.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 " + str(40000 + int(__import__("sys").argv[1])).encode() + b" 8443\r\nGET / HTTP/1.0\r\n\r\n")
+reply = s.recv(64)
+assert reply.startswith(b"HTTP/1.0 200"), reply' "$1"
+}
+get 1
+grep -q '^192.0.2.1 ' /var/tmp/backend.log
+old=$(systemctl show -p MainPID --value mmproxy)
+systemctl kill --kill-whom=main --signal=SIGUSR2 mmproxy
+sleep 2
+new=$(systemctl show -p MainPID --value mmproxy)
+test "$new" != "$old" && test "$new" != 0
+systemctl is-active mmproxy
+get 2
+systemctl stop mmproxy
+if ip rule | grep -q 'proto 109'; then
+    ip rule
+    journalctl -u mmproxy --no-pager
+    echo 'the routing outlived the service'
+    exit 1
+fi
+journalctl -u mmproxy --no-pager | grep 'systemd\[1\]'
+# A main PID systemd cannot wait for gets SIGTERM and SIGKILL at once.
+if journalctl -u mmproxy --no-pager | grep -E -q 'not our child|SIGKILL'; then exit 1; fi
+journalctl -u mmproxy --no-pager | grep -q 'removed the routing added at start'
 dpkg -r mmproxy
 test ! -e /usr/bin/mmproxy
 test -e /etc/default/mmproxy
 dpkg --purge mmproxy
 test ! -e /etc/default/mmproxy
-echo "xtask: the package installs, checks, removes and purges cleanly"
+echo "TRY-IT-PASSED"
 "#;
 
-/// Installs `package` into a throwaway root and tries it (see [`TRY_IT`]).
+/// Installs `package` on a throwaway machine and tries it (see
+/// [`TRY_IT`]); prints the machine's log when a step fails.
 pub(crate) fn check(package: &Path) -> Result<()> {
     if !is_root() {
-        bail!("the package check needs root (mount namespace, overlay, chroot)");
+        bail!("the package check needs root (mount namespace, overlay, systemd-nspawn)");
     }
-    let scratch = workspace_root().join("target/deb/throwaway-root");
-    fs::create_dir_all(&scratch)?;
+    let dir = workspace_root().join("target/deb/machine");
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    let overlay = dir.join("overlay");
+    fs::create_dir_all(&overlay)?;
     exec(
         Command::new("unshare")
             .args([
@@ -310,11 +363,23 @@ pub(crate) fn check(package: &Path) -> Result<()> {
                 "--fork",
                 "sh",
                 "-c",
-                THROWAWAY_ROOT,
+                THROWAWAY_MACHINE,
             ])
-            .env("OVL", &scratch)
+            .env("OVL", &overlay)
             .env("DEB", package)
             .env("TRY_IT", TRY_IT),
     )
-    .context("the package did not install and run cleanly in a throwaway root")
+    .context("could not boot the throwaway machine")?;
+    let log = fs::read_to_string(dir.join("try-it.log")).unwrap_or_default();
+    if log.lines().any(|l| l == "TRY-IT-PASSED") {
+        println!(
+            "xtask: the package installs, starts under systemd, serves, upgrades in place, stops, removes and purges cleanly"
+        );
+        return Ok(());
+    }
+    let console = fs::read_to_string(dir.join("machine-console.log")).unwrap_or_default();
+    eprintln!(
+        "---- the package check's steps ----\n{log}\n---- the machine's console ----\n{console}"
+    );
+    bail!("the package did not install and run cleanly on the throwaway machine (log above)")
 }

@@ -41,7 +41,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     // The Debian package and its install check (xtask/src/deb.rs).
     ("/usr/bin/dpkg-shlibdeps", "dpkg-dev"),
     ("/usr/bin/systemd-analyze", "systemd"),
+    ("/usr/bin/systemd-nspawn", "systemd-container"),
     ("/usr/bin/python3", "python3"),
+    ("/usr/bin/curl", "curl"),
 ];
 
 pub(crate) fn test(opts: &Options) -> Result<()> {
