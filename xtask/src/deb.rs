@@ -334,6 +334,15 @@ journalctl -u mmproxy --no-pager | grep 'systemd\[1\]'
 # A main PID systemd cannot wait for gets SIGTERM and SIGKILL at once.
 if journalctl -u mmproxy --no-pager | grep -E -q 'not our child|SIGKILL'; then exit 1; fi
 journalctl -u mmproxy --no-pager | grep -q 'removed the routing added at start'
+cp /usr/share/doc/mmproxy/examples/mmproxy.socket /etc/systemd/system/
+systemctl daemon-reload
+systemctl start mmproxy.socket
+systemctl is-active mmproxy.socket
+get 3
+systemctl is-active mmproxy
+journalctl -u mmproxy --no-pager | grep -q 'using handed-over listening sockets origin=LISTEN_FDS'
+systemctl stop mmproxy.socket mmproxy
+rm /etc/systemd/system/mmproxy.socket
 dpkg -r mmproxy
 test ! -e /usr/bin/mmproxy
 test -e /etc/default/mmproxy
@@ -373,7 +382,7 @@ pub(crate) fn check(package: &Path) -> Result<()> {
     let log = fs::read_to_string(dir.join("try-it.log")).unwrap_or_default();
     if log.lines().any(|l| l == "TRY-IT-PASSED") {
         println!(
-            "xtask: the package installs, starts under systemd, serves, upgrades in place, stops, removes and purges cleanly"
+            "xtask: the package installs, starts under systemd, serves, upgrades in place, stops, is socket-activated, removes and purges cleanly"
         );
         return Ok(());
     }
