@@ -338,3 +338,62 @@ fn receive_sockets(channel: &UnixStream) -> Result<Vec<(OwnedFd, String)>, Strin
     }
     Ok(fds.into_iter().zip(names).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, UdpSocket};
+
+    use super::*;
+
+    #[test]
+    fn the_handover_carries_each_socket_with_its_name() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (tcp_addr, udp_addr) = (tcp.local_addr().unwrap(), udp.local_addr().unwrap());
+        let sockets = [
+            HandoverSocket {
+                fd: tcp.into(),
+                name: "tcp",
+            },
+            HandoverSocket {
+                fd: udp.into(),
+                name: "udp",
+            },
+        ];
+        let (old, new) = UnixStream::pair().unwrap();
+        send_sockets(&old, &sockets).unwrap();
+        let received = receive_sockets(&new).unwrap();
+        let names: Vec<&str> = received.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["tcp", "udp"]);
+        let tcp_back = TcpListener::from(received[0].0.try_clone().unwrap());
+        let udp_back = UdpSocket::from(received[1].0.try_clone().unwrap());
+        assert_eq!(tcp_back.local_addr().unwrap(), tcp_addr);
+        assert_eq!(udp_back.local_addr().unwrap(), udp_addr);
+    }
+
+    #[test]
+    fn a_message_that_is_not_a_handover_is_refused() {
+        let (old, new) = UnixStream::pair().unwrap();
+        (&old).write_all(b"GET / HTTP/1.0\n").unwrap();
+        let err = receive_sockets(&new).unwrap_err();
+        assert!(err.contains("unexpected handover"), "{err}");
+    }
+
+    #[test]
+    fn names_and_sockets_must_match_in_number() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (old, new) = UnixStream::pair().unwrap();
+        let fds = [tcp.as_raw_fd()];
+        let line = format!("{HELLO} tcp udp\n");
+        sendmsg::<()>(
+            old.as_raw_fd(),
+            &[IoSlice::new(line.as_bytes())],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let err = receive_sockets(&new).unwrap_err();
+        assert!(err.contains("names 2 sockets but carries 1"), "{err}");
+    }
+}
