@@ -3,7 +3,9 @@
 //! # Layout
 //! The path of a TCP connection, in the order it meets the modules:
 //! - [`cli`], [`config`]: flags (go-mmproxy compatible) become a [`config::Config`].
-//! - [`server`]: opens the listeners, runs until shutdown, drains.
+//! - [`server`]: opens the listeners (or takes them over: [`activation`]
+//!   from systemd, [`upgrade`] from the instance it replaces), runs until
+//!   shutdown, drains.
 //! - [`listener`]: accept loops, the allowed-subnets check, the connection cap.
 //! - [`limits`]: the header-phase gate, per-source caps, the idle timeout.
 //! - [`connection`]: reads the PROXY header ([`proxy_protocol`], a pure

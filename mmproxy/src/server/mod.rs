@@ -1,20 +1,27 @@
-//! Start-up and shutdown. In order: the metrics endpoint (so `/healthz`
-//! can answer "not yet"), `--setup-routes`, the logged routing checks, the
-//! SIGHUP reloader, the TCP and UDP listeners. On shutdown: stop accepting,
-//! drain open TCP connections for a bounded time, log the UDP counters,
-//! remove the routing that start-up added.
+//! Start-up and shutdown. In order: the SIGHUP and SIGUSR2 handlers, the
+//! listening sockets (bound, or handed over by systemd or a predecessor),
+//! the metrics endpoint (so `/healthz` can answer "not yet"),
+//! `--setup-routes` ([`routes`]), the logged routing checks, the TCP and
+//! UDP accept loops, `READY=1`. On shutdown (SIGTERM, or a successor
+//! serving after SIGUSR2, see [`signals`]): stop accepting, drain open TCP
+//! connections for a bounded time, log the UDP counters, remove the
+//! routing that start-up added unless a successor took it over.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use sd_notify::NotifyState;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::Semaphore,
-};
+use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
+mod routes;
+mod signals;
+
+use self::{
+    routes::RouteOwner,
+    signals::{Signals, reload_on_sighup, upgrade_on_sigusr2},
+};
 use crate::{
     activation::{self, Inherited},
     check,
@@ -26,9 +33,9 @@ use crate::{
     listener::{self, AcceptContext, AdoptError, ListenError, ListenOptions, Listeners},
     metrics::{self, LiveCounters, Metrics},
     policy::{LogLimiter, REFUSAL_LOG_INTERVAL},
-    routing::{Installed, Routing, RoutingError},
+    routing::RoutingError,
     udp::{UdpProxy, frontend::FrontendSocket},
-    upgrade::{self, HandoverSocket, Launch, Predecessor},
+    upgrade::{HandoverSocket, Launch, Predecessor},
 };
 
 /// Why the daemon could not start.
@@ -180,73 +187,6 @@ fn open_listeners(config: &Config, mut inherited: Inherited) -> Result<Listeners
         listeners.metrics = Some(socket.into());
     }
     Ok(listeners)
-}
-
-/// The `--setup-routes` routing this instance owns: removed at exit, or
-/// left in place for a successor.
-#[derive(Debug, Default)]
-struct RouteOwner(std::sync::Mutex<Option<(Routing, Installed)>>);
-
-impl RouteOwner {
-    async fn take_over(&self, config: &Config) -> Result<(), StartError> {
-        let owned = setup_routes(config).await?;
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(owned);
-        Ok(())
-    }
-
-    /// Lets go of the routing without removing it.
-    fn hand_over(&self) {
-        if let Some((_, installed)) = self.take() {
-            installed.hand_over();
-        }
-    }
-
-    async fn remove(&self) {
-        let Some((routing, installed)) = self.take() else {
-            return;
-        };
-        match routing.remove(installed).await {
-            Ok(()) => info!("removed the routing added at start"),
-            Err(e) => warn!(error = %error_chain(&e), "cannot remove the routing added at start"),
-        }
-    }
-
-    fn take(&self) -> Option<(Routing, Installed)> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-    }
-}
-
-/// SIGHUP (reload) and SIGUSR2 (upgrade), registered first thing: until
-/// a handler exists either signal kills the process.
-#[derive(Debug)]
-struct Signals {
-    hangup: Option<tokio::signal::unix::Signal>,
-    usr2: Option<tokio::signal::unix::Signal>,
-}
-
-impl Signals {
-    fn register() -> Self {
-        let register = |kind, what| match signal(kind) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                warn!(error = %e, "cannot handle {what}");
-                None
-            }
-        };
-        Self {
-            hangup: register(
-                SignalKind::hangup(),
-                "SIGHUP; --allowed-subnets cannot be reloaded",
-            ),
-            usr2: register(SignalKind::user_defined2(), "SIGUSR2; upgrades are off"),
-        }
-    }
 }
 
 /// What serving needs, borrowed from [`run`].
@@ -427,43 +367,6 @@ impl Serving<'_> {
     }
 }
 
-/// SIGUSR2: start the binary at our own path with our flags, hand it the
-/// listening sockets, and once it serves, stop accepting and drain. A
-/// failed upgrade leaves this instance serving as before.
-async fn upgrade_on_sigusr2(
-    mut usr2: tokio::signal::unix::Signal,
-    launch: Launch,
-    sockets: Vec<HandoverSocket>,
-    routes: Arc<RouteOwner>,
-    drain: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = usr2.recv() => {}
-            () = drain.cancelled() => return,
-        }
-        info!(exe = %launch.exe.display(), "SIGUSR2: starting the new instance");
-        match upgrade::start_successor(&launch, &sockets).await {
-            Ok(successor) => {
-                info!(
-                    pid = successor.pid,
-                    "upgrade: the new instance serves; this one stops accepting and drains"
-                );
-                activation::notify(&[NotifyState::MainPid(successor.pid)]);
-                // In this order: the routing must be let go of before the
-                // drain can end in removing it.
-                routes.hand_over();
-                drain.cancel();
-                successor.release().await;
-                return;
-            }
-            Err(e) => {
-                warn!(error = %error_chain(&e), "upgrade failed; this instance keeps serving");
-            }
-        }
-    }
-}
-
 /// Addresses for a log line.
 fn display_addrs(addrs: &[std::net::SocketAddr]) -> String {
     addrs
@@ -473,29 +376,6 @@ fn display_addrs(addrs: &[std::net::SocketAddr]) -> String {
         .join(",")
 }
 
-/// `--setup-routes`: adds what is missing, remembering it for the exit.
-async fn setup_routes(config: &Config) -> Result<(Routing, Installed), StartError> {
-    let spec = config.routing_spec();
-    let routing = Routing::connect().await.map_err(StartError::Routes)?;
-    let installed = routing
-        .install_missing(spec)
-        .await
-        .map_err(StartError::Routes)?;
-    if installed.adopted > 0 {
-        info!(
-            adopted = installed.adopted,
-            "--setup-routes: took over routing an earlier run added (proto {}) and did not remove",
-            crate::routing::MMPROXY_PROTOCOL
-        );
-    }
-    if installed.is_empty() {
-        info!("--setup-routes: the routing was already in place");
-    } else {
-        info!(routing = ?installed, "--setup-routes: the routing is ours; it is removed at exit");
-    }
-    Ok((routing, installed))
-}
-
 /// The routing checks of `mmproxy check`, logged (`-q` silences them).
 async fn log_start_checks(config: &Config) {
     for line in check::routing(config).await {
@@ -503,34 +383,6 @@ async fn log_start_checks(config: &Config) {
             info!("check: {line}");
         } else {
             warn!("check: {line}");
-        }
-    }
-}
-
-/// SIGHUP re-reads `--allowed-subnets`; a bad file keeps the old list.
-async fn reload_on_sighup(
-    mut hangup: tokio::signal::unix::Signal,
-    config: Arc<Config>,
-    allowed: Arc<ArcSwap<AllowedSubnets>>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => {}
-            () = shutdown.cancelled() => return,
-        }
-        let Some(path) = &config.allowed_subnets_file else {
-            info!("SIGHUP: no --allowed-subnets file to reload");
-            continue;
-        };
-        match AllowedSubnets::load(path) {
-            Ok(list) => {
-                info!(file = %path.display(), subnets = list.len(), "SIGHUP: allowed subnets reloaded");
-                allowed.store(Arc::new(list));
-            }
-            Err(e) => {
-                warn!(error = %error_chain(&e), "SIGHUP: allowed subnets NOT reloaded; keeping the old list");
-            }
         }
     }
 }
