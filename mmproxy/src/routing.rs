@@ -254,6 +254,19 @@ pub struct Installed {
     lock: Option<OwnerLock>,
 }
 
+/// For the log: what is ours, in a few words (the netlink messages
+/// themselves are long).
+impl std::fmt::Display for Installed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} rules and {} local routes, tagged proto {MMPROXY_PROTOCOL}",
+            self.rules.len(),
+            self.routes.len()
+        )
+    }
+}
+
 impl Installed {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty() && self.routes.is_empty()

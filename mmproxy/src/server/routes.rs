@@ -69,7 +69,7 @@ async fn setup_routes(config: &Config) -> Result<(Routing, Installed), StartErro
     if installed.is_empty() {
         info!("--setup-routes: the routing was already in place");
     } else {
-        info!(routing = ?installed, "--setup-routes: the routing is ours; it is removed at exit");
+        info!(routing = %installed, "--setup-routes: the routing is ours; it is removed at exit");
     }
     Ok((routing, installed))
 }
