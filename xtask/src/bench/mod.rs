@@ -68,6 +68,9 @@ pub(crate) enum Subject {
     GoMmproxy,
     /// `HAProxy` with `accept-proxy` and `usesrc clientip` (bench/haproxy.cfg).
     Haproxy,
+    /// The same with `usesrc client`: the client's IP and port, as
+    /// mmproxy's default.
+    HaproxyClientPort,
 }
 
 impl Subject {
@@ -78,6 +81,7 @@ impl Subject {
             Subject::Ebpf => "mmproxy ebpf",
             Subject::GoMmproxy => "go-mmproxy",
             Subject::Haproxy => "HAProxy usesrc",
+            Subject::HaproxyClientPort => "HAProxy usesrc client",
         }
     }
 }
@@ -155,7 +159,13 @@ impl Workload {
             Workload::ConnectionsEphemeralPort => {
                 matches!(subject, Subject::Direct | Subject::Plain | Subject::Haproxy)
             }
-            _ => !(self.is_udp() && matches!(subject, Subject::Ebpf | Subject::Haproxy)),
+            _ => {
+                !(self.is_udp()
+                    && matches!(
+                        subject,
+                        Subject::Ebpf | Subject::Haproxy | Subject::HaproxyClientPort
+                    ))
+            }
         }
     }
 
@@ -232,7 +242,7 @@ pub(crate) fn bench(opts: &Options) -> Result<()> {
         None => eprintln!("bench: go-mmproxy not installed; skipped (--peers installs it)"),
     }
     match &binaries.haproxy {
-        Some(_) => subjects.push(Subject::Haproxy),
+        Some(_) => subjects.extend([Subject::Haproxy, Subject::HaproxyClientPort]),
         None => eprintln!("bench: haproxy not installed; skipped (--peers installs it)"),
     }
     let ns = Namespace::create()?;
@@ -315,18 +325,24 @@ fn run_cell(
             Some(ns.spawn(
                 &bin.mmproxy,
                 &[&proxy_args[..], &["--mode", mode], workload.mmproxy_args()].concat(),
+                &[],
             )?)
         }
         Subject::GoMmproxy => {
             let go = bin.go_mmproxy.as_ref().context("go-mmproxy missing")?;
-            Some(ns.spawn(go, &proxy_args)?)
+            Some(ns.spawn(go, &proxy_args, &[])?)
         }
-        Subject::Haproxy => {
+        Subject::Haproxy | Subject::HaproxyClientPort => {
             let haproxy = bin.haproxy.as_ref().context("haproxy missing")?;
             let config = workspace_root().join("bench/haproxy.cfg");
             let config = config.to_str().context("non-UTF-8 path")?;
+            let usesrc = if subject == Subject::Haproxy {
+                "clientip"
+            } else {
+                "client"
+            };
             // -db: stay in the foreground, so the process is the proxy.
-            Some(ns.spawn(haproxy, &["-db", "-f", config])?)
+            Some(ns.spawn(haproxy, &["-db", "-f", config], &[("USESRC", usesrc)])?)
         }
     };
     if let Some(p) = &mut proc {
@@ -470,10 +486,11 @@ impl Namespace {
         cmd
     }
 
-    fn spawn(&self, program: &Path, args: &[&str]) -> Result<SubjectProcess> {
+    fn spawn(&self, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<SubjectProcess> {
         let child = self
             .command(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

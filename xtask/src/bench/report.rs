@@ -192,7 +192,7 @@ fn table(md: &mut String, results: &Results, subjects: &[Subject], w: Workload) 
 /// The issue's targets, each judged on this run's medians.
 /// Issue #21's targets: the ephemeral-port path, and `HAProxy` as the peer.
 fn peer_targets(r: &Results) -> Vec<(&'static str, Option<f64>, bool)> {
-    use Subject::{Haproxy, Plain};
+    use Subject::{Haproxy, HaproxyClientPort, Plain};
     use Workload::{ConnectionsEphemeralPort, ConnectionsPerSecond, Flood, RequestResponse};
     let flood = |s| median_of(r, Flood, s, "down_mbit_s");
     let cps = |s| median_of(r, ConnectionsPerSecond, s, "connections_s");
@@ -224,6 +224,19 @@ fn peer_targets(r: &Results) -> Vec<(&'static str, Option<f64>, bool)> {
         (
             "flood: plain >= 1.0x HAProxy usesrc",
             ratio(flood(Plain), flood(Haproxy)),
+            true,
+        ),
+        (
+            "request/response: plain >= 1.0x HAProxy usesrc client",
+            ratio(
+                median_of(r, RequestResponse, Plain, "requests_s"),
+                median_of(r, RequestResponse, HaproxyClientPort, "requests_s"),
+            ),
+            true,
+        ),
+        (
+            "connections/s, client port kept: plain >= 1.0x HAProxy usesrc client",
+            ratio(cps(Plain), cps(HaproxyClientPort)),
             true,
         ),
     ]
