@@ -70,26 +70,40 @@ pub async fn routing(config: &Config) -> Vec<CheckLine> {
     };
     let mut lines = Vec::new();
     for piece in Piece::ALL {
-        let (passed, why) = match routing.has(piece, spec).await {
-            Ok(true) => (true, None),
-            Ok(false) => (false, Some("missing".to_owned())),
-            Err(e) => (false, Some(error_chain(&e))),
-        };
-        lines.push(CheckLine {
-            passed,
-            required: true,
-            what: piece.describe(spec),
-            fix: (!passed).then(|| {
-                format!(
+        let line = match routing.has(piece, spec).await {
+            Ok(true) => CheckLine {
+                passed: true,
+                required: true,
+                what: piece.describe(spec),
+                why: None,
+                fix: None,
+            },
+            // Not a failure: the daemon with these flags adds it at start.
+            Ok(false) if config.setup_routes => CheckLine {
+                passed: false,
+                required: false,
+                what: piece.describe(spec),
+                why: Some(ADDED_AT_START.to_owned()),
+                fix: None,
+            },
+            found => CheckLine {
+                passed: false,
+                required: true,
+                what: piece.describe(spec),
+                why: Some(found.map_or_else(|e| error_chain(&e), |_| "missing".to_owned())),
+                fix: Some(format!(
                     "{}   (or start mmproxy with --setup-routes)",
                     piece.fix(spec)
-                )
-            }),
-            why,
-        });
+                )),
+            },
+        };
+        lines.push(line);
     }
     lines
 }
+
+/// Why a missing piece of routing is no failure with `--setup-routes`.
+const ADDED_AT_START: &str = "missing; --setup-routes adds it at start";
 
 /// Whether the BPF programs load; required only with `--mode ebpf`.
 pub fn bpf(config: &Config) -> CheckLine {
@@ -118,7 +132,9 @@ pub fn bpf(config: &Config) -> CheckLine {
 
 /// Each TCP target, reached once normally and once from a spoofed
 /// documentation address (which needs the routing to get its SYN-ACK).
-pub async fn backends(config: &Config) -> Vec<CheckLine> {
+/// `routing_pending`: the routing is missing and `--setup-routes` will add
+/// it, so the spoofed probe cannot pass yet and does not count.
+pub async fn backends(config: &Config, routing_pending: bool) -> Vec<CheckLine> {
     if !config.protocols.tcp {
         return vec![CheckLine {
             passed: true,
@@ -154,16 +170,27 @@ pub async fn backends(config: &Config) -> Vec<CheckLine> {
         }
         let spoofed = upstream::connect(target, Some(probe), &opts).await;
         let ok = spoofed.is_ok();
-        lines.push(CheckLine {
-            passed: ok,
-            required: true,
-            what: format!("backend {target} answers a connection from {}", probe.ip()),
-            why: spoofed.err().map(|e| error_chain(&e)),
-            fix: (!ok).then(|| {
-                "fix the routing above; the backend must be bound to a loopback address \
-                 (or use --mark with fwmark routing)"
-                    .to_owned()
-            }),
+        let what = format!("backend {target} answers a connection from {}", probe.ip());
+        lines.push(if !ok && routing_pending {
+            CheckLine {
+                passed: false,
+                required: false,
+                what,
+                why: Some("needs the routing, which --setup-routes adds at start".to_owned()),
+                fix: Some("check again while mmproxy runs".to_owned()),
+            }
+        } else {
+            CheckLine {
+                passed: ok,
+                required: true,
+                what,
+                why: spoofed.err().map(|e| error_chain(&e)),
+                fix: (!ok).then(|| {
+                    "fix the routing above; the backend must be bound to a loopback address \
+                     (or use --mark with fwmark routing)"
+                        .to_owned()
+                }),
+            }
         });
     }
     lines
@@ -172,7 +199,10 @@ pub async fn backends(config: &Config) -> Vec<CheckLine> {
 /// Every check `mmproxy check` runs.
 pub async fn all(config: &Config) -> Vec<CheckLine> {
     let mut lines = routing(config).await;
-    lines.extend(backends(config).await);
+    let routing_pending = lines
+        .iter()
+        .any(|l| l.why.as_deref() == Some(ADDED_AT_START));
+    lines.extend(backends(config, routing_pending).await);
     lines.push(bpf(config));
     lines
 }

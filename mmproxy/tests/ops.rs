@@ -62,6 +62,17 @@ fn check_fails_with_fixes_then_passes_after_setup_routes_which_cleans_up() {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
 
+    // With the flag that adds it, missing routing is no failure yet.
+    let (code, out) = check(&ns, &[&TARGETS[..], &["--setup-routes"]].concat());
+    assert_eq!(code, 0, "{out}");
+    for line in [
+        "INFO  ipv4 rule from 127.0.0.1/8 iif lo lookup 123: missing; --setup-routes adds it at start",
+        "INFO  ipv6 route local ::/0 dev lo table 123: missing; --setup-routes adds it at start",
+        "INFO  backend 127.0.0.1:9000 answers a connection from 192.0.2.1: needs the routing",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+
     let mut d = Daemon::start(
         &ns,
         &[&["-l", PROXY4, "--setup-routes"][..], &TARGETS].concat(),
