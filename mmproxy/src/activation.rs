@@ -166,11 +166,7 @@ fn check_socket(fd: OwnedFd, name: &str, origin: Origin) -> Result<InheritedSock
     if domain != Domain::IPV4 && domain != Domain::IPV6 {
         return Err(not_inet());
     }
-    let local = socket
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .ok_or_else(not_inet)?;
+    let local = crate::sockopt::bound_addr(&socket).ok_or_else(not_inet)?;
     let kind = socket.r#type().map_err(|_| not_inet())?;
     let inherited = InheritedSocket {
         stream: kind == Type::STREAM,

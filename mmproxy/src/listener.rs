@@ -118,7 +118,7 @@ pub struct Listeners {
 /// Why handed-over sockets do not fit the flags.
 #[derive(Debug, thiserror::Error)]
 pub enum AdoptError {
-    #[error("{origin} passed {what} socket on {addr}, but -p does not include {proto}")]
+    #[error("{origin} passed a {what} socket on {addr}, but -p does not include {proto}")]
     ProtocolOff {
         origin: Origin,
         what: &'static str,
@@ -153,55 +153,54 @@ impl Listeners {
         transparent: bool,
     ) -> Result<Self, AdoptError> {
         let origin = inherited.origin.unwrap_or(Origin::Systemd);
-        for (served, sockets, what, proto) in [
-            (tcp, &inherited.tcp, "a TCP", "tcp"),
-            (udp, &inherited.udp, "a UDP", "udp"),
-        ] {
-            if let (false, Some(s)) = (served, sockets.first()) {
-                return Err(AdoptError::ProtocolOff {
-                    origin,
-                    what,
-                    addr: s.local,
-                    proto,
-                });
-            }
-        }
         let served = inherited.proxy_addrs();
-        for (wanted, sockets, what, proto) in [
+        let protocols = [
             (tcp, &inherited.tcp, "TCP", "tcp"),
             (udp, &inherited.udp, "UDP", "udp"),
-        ] {
-            if wanted && sockets.is_empty() && !served.is_empty() {
-                return Err(AdoptError::NoSocketFor {
-                    origin,
-                    what,
-                    proto,
-                });
-            }
+        ];
+        // A passed socket we would not serve is named first.
+        if let Some((_, sockets, what, proto)) = protocols
+            .iter()
+            .find(|(wanted, sockets, ..)| !wanted && !sockets.is_empty())
+        {
+            return Err(AdoptError::ProtocolOff {
+                origin,
+                what,
+                addr: sockets[0].local,
+                proto,
+            });
         }
-        let listeners = Self {
-            tcp: inherited.tcp.drain(..).map(|s| s.socket).collect(),
-            udp: inherited.udp.drain(..).map(|s| s.socket).collect(),
-            metrics: inherited.metrics.take().map(|s| s.socket),
-            served,
-        };
-        for socket in &listeners.tcp {
+        if let Some((_, _, what, proto)) = protocols
+            .iter()
+            .find(|(wanted, sockets, ..)| *wanted && sockets.is_empty() && !served.is_empty())
+        {
+            return Err(AdoptError::NoSocketFor {
+                origin,
+                what,
+                proto,
+            });
+        }
+        for s in &inherited.tcp {
             // Accepted sockets inherit these, as from our own listeners.
-            upstream::tune_stream(socket);
+            upstream::tune_stream(&s.socket);
         }
         if transparent {
-            for socket in listeners.tcp.iter().chain(&listeners.udp) {
-                let addr = local_addr(socket);
-                sockopt::set_transparent(socket, addr).map_err(|source| {
+            for s in inherited.tcp.iter().chain(&inherited.udp) {
+                sockopt::set_transparent(&s.socket, s.local).map_err(|source| {
                     AdoptError::Transparent {
                         origin,
-                        addr,
+                        addr: s.local,
                         source,
                     }
                 })?;
             }
         }
-        Ok(listeners)
+        Ok(Self {
+            tcp: inherited.tcp.drain(..).map(|s| s.socket).collect(),
+            udp: inherited.udp.drain(..).map(|s| s.socket).collect(),
+            metrics: inherited.metrics.take().map(|s| s.socket),
+            served,
+        })
     }
 
     /// Duplicates of every listening socket, named by role, for a
@@ -222,14 +221,6 @@ impl Listeners {
             })
             .collect()
     }
-}
-
-fn local_addr(socket: &Socket) -> SocketAddr {
-    socket
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// Everything an accept loop needs.

@@ -15,6 +15,12 @@ pub fn set_transparent(socket: &socket2::Socket, addr: std::net::SocketAddr) -> 
     }
 }
 
+/// The inet address a socket is bound to (`None` for other families or an
+/// unbound socket).
+pub fn bound_addr(socket: &socket2::Socket) -> Option<std::net::SocketAddr> {
+    socket.local_addr().ok().and_then(|a| a.as_socket())
+}
+
 /// The parts of `struct tcp_info` (linux/tcp.h) the sockmap path uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TcpInfo {

@@ -303,10 +303,7 @@ fn open_udp(
     socket
         .connect(&backend.into())
         .map_err(|source| UpstreamError::Connect { backend, source })?;
-    let local = socket
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
+    let local = crate::sockopt::bound_addr(&socket)
         .ok_or_else(|| UpstreamError::Socket(io::Error::other("no local address")))?;
     Ok(UdpUpstream {
         socket: socket.into(),

@@ -199,9 +199,7 @@ impl Orphan {
     }
 
     fn signal(&self, sig: Signal) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.0) {
-            let _ = rustix::process::kill_process(pid, sig);
-        }
+        support::signal_pid(self.0, sig);
     }
 
     /// SIGTERM; true if it is gone within `timeout`.

@@ -322,14 +322,7 @@ impl Serving<'_> {
         ));
         let count = sockets.len();
         for socket in sockets {
-            // Packet info is needed on a wildcard address: ask the socket,
-            // which may be a handed-over one.
-            let bound = socket
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_socket())
-                .unwrap_or(config.listen);
-            let socket = FrontendSocket::new(socket, bound).map_err(StartError::Register)?;
+            let socket = FrontendSocket::new(socket).map_err(StartError::Register)?;
             loops.spawn(proxy.clone().serve(Arc::new(socket), shutdown.clone()));
         }
         loops.spawn(proxy.clone().sweep(shutdown.clone()));

@@ -77,7 +77,9 @@ pub fn control_buffer() -> Vec<u8> {
 impl FrontendSocket {
     /// Wraps a bound socket; asks for packet info when it is bound to a
     /// wildcard address.
-    pub fn new(socket: socket2::Socket, bound: SocketAddr) -> io::Result<Self> {
+    pub fn new(socket: socket2::Socket) -> io::Result<Self> {
+        let bound = crate::sockopt::bound_addr(&socket)
+            .ok_or_else(|| io::Error::other("the UDP listener has no inet address"))?;
         let pktinfo = bound.ip().is_unspecified();
         if pktinfo {
             match bound {

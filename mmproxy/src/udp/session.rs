@@ -445,7 +445,7 @@ mod tests {
         socket.set_nonblocking(true).unwrap();
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         socket.bind(&addr.into()).unwrap();
-        Arc::new(FrontendSocket::new(socket, addr).unwrap())
+        Arc::new(FrontendSocket::new(socket).unwrap())
     }
 
     fn session(client_port: u16, clock: Clock) -> Arc<Session> {

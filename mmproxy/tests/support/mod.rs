@@ -398,6 +398,13 @@ pub fn daemon_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mmproxy"))
 }
 
+/// Sends `sig` to process `pid` (0 or gone: nothing happens).
+pub fn signal_pid(pid: i32, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
 /// A running daemon inside a namespace. Stopped (SIGTERM, then SIGKILL)
 /// on drop; its log is kept for assertions and printed on failure.
 pub struct Daemon {
@@ -507,9 +514,7 @@ impl Daemon {
     /// Sends a signal to the daemon (not to the `ip netns exec` wrapper,
     /// which execs it: the pid is the daemon's).
     pub fn signal(&self, sig: rustix::process::Signal) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid()) {
-            let _ = rustix::process::kill_process(pid, sig);
-        }
+        signal_pid(self.pid(), sig);
     }
 
     /// Waits for the daemon to exit and returns its exit code.
