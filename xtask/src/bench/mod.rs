@@ -37,7 +37,8 @@ pub(crate) struct Options {
     /// Seconds of load per repeat.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Install the peers (go-mmproxy) with apt when missing (needs root).
+    /// Install the peers when missing: go-mmproxy and `HAProxy` with apt
+    /// (needs root), mmproxy-rs with `cargo install` into target/peers.
     #[arg(long)]
     peers: bool,
     /// Where the markdown report goes (the SVG chart goes beside it).
@@ -66,6 +67,9 @@ pub(crate) enum Subject {
     Plain,
     Ebpf,
     GoMmproxy,
+    /// mmproxy-rs, the `mmproxy` crate 0.2.2 (its binary is also called
+    /// `mmproxy`, so it lives in a directory of its own: [`MMPROXY_RS`]).
+    MmproxyRs,
     /// `HAProxy` with `accept-proxy` and `usesrc clientip` (bench/haproxy.cfg).
     Haproxy,
     /// The same with `usesrc client`: the client's IP and port, as
@@ -80,11 +84,26 @@ impl Subject {
             Subject::Plain => "mmproxy plain",
             Subject::Ebpf => "mmproxy ebpf",
             Subject::GoMmproxy => "go-mmproxy",
+            Subject::MmproxyRs => "mmproxy-rs",
             Subject::Haproxy => "HAProxy usesrc",
             Subject::HaproxyClientPort => "HAProxy usesrc client",
         }
     }
+
+    /// The other implementations, which "best peer" is chosen from.
+    pub(crate) fn is_peer(self) -> bool {
+        matches!(
+            self,
+            Subject::GoMmproxy | Subject::MmproxyRs | Subject::Haproxy | Subject::HaproxyClientPort
+        )
+    }
 }
+
+/// mmproxy-rs, pinned: the version the issue names, `--locked`.
+const MMPROXY_RS_VERSION: &str = "0.2.2";
+/// Where `--peers` installs it (`cargo install --root`), relative to the
+/// workspace root; `bin/mmproxy` inside.
+const MMPROXY_RS: &str = "target/peers/mmproxy-rs";
 
 /// A load shape, as `mmproxy-bench` arguments, and the metric it is
 /// judged by.
@@ -234,12 +253,17 @@ pub(crate) fn bench(opts: &Options) -> Result<()> {
         mmproxy: target.join("mmproxy"),
         load: target.join("mmproxy-bench"),
         go_mmproxy: which("go-mmproxy"),
+        mmproxy_rs: Some(mmproxy_rs_binary()).filter(|p| p.is_file()),
         haproxy: which("haproxy"),
     };
     let mut subjects = vec![Subject::Direct, Subject::Plain, Subject::Ebpf];
     match &binaries.go_mmproxy {
         Some(_) => subjects.push(Subject::GoMmproxy),
         None => eprintln!("bench: go-mmproxy not installed; skipped (--peers installs it)"),
+    }
+    match &binaries.mmproxy_rs {
+        Some(_) => subjects.push(Subject::MmproxyRs),
+        None => eprintln!("bench: mmproxy-rs not installed; skipped (--peers installs it)"),
     }
     match &binaries.haproxy {
         Some(_) => subjects.extend([Subject::Haproxy, Subject::HaproxyClientPort]),
@@ -293,6 +317,7 @@ struct Binaries {
     mmproxy: PathBuf,
     load: PathBuf,
     go_mmproxy: Option<PathBuf>,
+    mmproxy_rs: Option<PathBuf>,
     haproxy: Option<PathBuf>,
 }
 
@@ -331,6 +356,11 @@ fn run_cell(
         Subject::GoMmproxy => {
             let go = bin.go_mmproxy.as_ref().context("go-mmproxy missing")?;
             Some(ns.spawn(go, &proxy_args, &[])?)
+        }
+        Subject::MmproxyRs => {
+            // The same flags as go-mmproxy's for this job.
+            let rs = bin.mmproxy_rs.as_ref().context("mmproxy-rs missing")?;
+            Some(ns.spawn(rs, &proxy_args, &[])?)
         }
         Subject::Haproxy | Subject::HaproxyClientPort => {
             let haproxy = bin.haproxy.as_ref().context("haproxy missing")?;
@@ -421,17 +451,36 @@ fn install_peers() -> Result<()> {
         .into_iter()
         .filter(|p| which(p).is_none())
         .collect();
-    if missing.is_empty() {
-        return Ok(());
+    if !missing.is_empty() {
+        eprintln!("bench: installing {} with apt", missing.join(", "));
+        exec(Command::new("apt-get").arg("update").arg("-qq"))?;
+        exec(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
     }
-    eprintln!("bench: installing {} with apt", missing.join(", "));
-    exec(Command::new("apt-get").arg("update").arg("-qq"))?;
-    exec(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    if !mmproxy_rs_binary().is_file() {
+        eprintln!("bench: installing mmproxy-rs {MMPROXY_RS_VERSION} with cargo");
+        exec(
+            cargo(None)
+                .args([
+                    "install",
+                    "mmproxy",
+                    "--version",
+                    MMPROXY_RS_VERSION,
+                    "--locked",
+                    "--root",
+                ])
+                .arg(workspace_root().join(MMPROXY_RS)),
+        )?;
+    }
+    Ok(())
+}
+
+fn mmproxy_rs_binary() -> PathBuf {
+    workspace_root().join(MMPROXY_RS).join("bin/mmproxy")
 }
 
 /// The benchmark's namespace: loopback and the README's policy routing.

@@ -52,6 +52,17 @@ fn cpu_median(results: &Results, w: Workload, s: Subject) -> Option<f64> {
     (!m.is_nan()).then_some(m)
 }
 
+/// The peer with the highest median of this workload's headline metric
+/// (every headline is higher-is-better).
+fn best_peer(results: &Results, w: Workload) -> Option<(Subject, f64)> {
+    let key = w.headline().0;
+    results
+        .keys()
+        .filter(|(cell_w, s)| *cell_w == w && s.is_peer())
+        .filter_map(|&(_, s)| Some((s, median_of(results, w, s, key)?)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
 fn fmt_num(x: f64) -> String {
     if x.is_nan() {
         "-".to_owned()
@@ -148,9 +159,10 @@ fn table(md: &mut String, results: &Results, subjects: &[Subject], w: Workload) 
     writeln!(md, "## {}\n", w.name())?;
     writeln!(
         md,
-        "| subject | {unit} | vs direct | vs plain | other medians | CPU s/GB | peak RSS |"
+        "| subject | {unit} | vs direct | vs plain | vs best peer | other medians | CPU s/GB | peak RSS |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    let best = best_peer(results, w);
     for &s in subjects {
         let Some(samples) = results.get(&(w, s)) else {
             continue;
@@ -171,11 +183,19 @@ fn table(md: &mut String, results: &Results, subjects: &[Subject], w: Workload) 
         });
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             s.name(),
             fmt_spread(spread(samples, metric(key))),
             fmt_ratio(ratio(head, median_of(results, w, Subject::Direct, key))),
             fmt_ratio(ratio(head, median_of(results, w, Subject::Plain, key))),
+            best.map_or_else(
+                || "-".to_owned(),
+                |(peer, median)| format!(
+                    "{} ({})",
+                    fmt_ratio(ratio(head, Some(median))),
+                    peer.name()
+                )
+            ),
             others.join(", "),
             fmt_spread(spread(samples, Sample::cpu_per_gb)),
             if rss.median.is_nan() {
@@ -242,6 +262,27 @@ fn peer_targets(r: &Results) -> Vec<(&'static str, Option<f64>, bool)> {
     ]
 }
 
+/// Issue #18: in every row plain mode (TCP) or mmproxy (UDP) at least
+/// 1.2x the best of the other implementations.
+fn best_peer_targets(r: &Results) -> Vec<(String, Option<f64>, bool)> {
+    Workload::ALL
+        .into_iter()
+        .filter_map(|w| {
+            let (peer, median) = best_peer(r, w)?;
+            let plain = median_of(r, w, Subject::Plain, w.headline().0);
+            Some((
+                format!(
+                    "{}: plain >= 1.2x the best peer ({})",
+                    w.name(),
+                    peer.name()
+                ),
+                ratio(plain, Some(median)),
+                true,
+            ))
+        })
+        .collect()
+}
+
 fn targets(md: &mut String, r: &Results) -> Result<()> {
     use Subject::{Direct, Ebpf, GoMmproxy, Plain};
     use Workload::{Bulk, ConnectionsPerSecond, Flood, RequestResponse, Udp64, Udp1400};
@@ -306,8 +347,13 @@ fn targets(md: &mut String, r: &Results) -> Result<()> {
             true,
         ),
     ];
-    let rows: Vec<_> = rows.into_iter().chain(peer_targets(r)).collect();
-    writeln!(md, "## Targets (issues #7, #21), judged on this run\n")?;
+    let rows: Vec<(String, Option<f64>, bool)> = rows
+        .into_iter()
+        .chain(peer_targets(r))
+        .map(|(name, m, at_least)| (name.to_owned(), m, at_least))
+        .chain(best_peer_targets(r))
+        .collect();
+    writeln!(md, "## Targets (issues #7, #18, #21), judged on this run\n")?;
     writeln!(md, "| target | measured | |")?;
     writeln!(md, "|---|---|---|")?;
     for (name, measured, at_least) in rows {
@@ -334,6 +380,8 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
         RGBColor(44, 160, 44),
         RGBColor(214, 39, 40),
         RGBColor(148, 103, 189),
+        RGBColor(255, 127, 14),
+        RGBColor(140, 86, 75),
     ];
     let groups = Workload::ALL.len();
     let per_group = subjects.len();
