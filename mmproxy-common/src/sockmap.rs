@@ -162,11 +162,15 @@ pub enum Counter {
     /// skbs that overlapped bytes already handed on by more than one trim
     /// can remove, passed whole with the duplicates marked for userspace.
     OverlapsPassed = 13,
+    /// skbs passed because the peer socket was passing its own bytes: a
+    /// redirect would queue them ahead of the peer's passed skbs, which
+    /// then wait uncharged (docs/ebpf-datapath.md, "coupled directions").
+    PeerPassing = 14,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Counter::RedirectedSkbs,
         Counter::RedirectedBytes,
         Counter::RedirectFailures,
@@ -181,6 +185,7 @@ impl Counter {
         Counter::Signals,
         Counter::SignalsLost,
         Counter::OverlapsPassed,
+        Counter::PeerPassing,
     ];
 
     /// A name for logs and metrics labels.
@@ -200,12 +205,13 @@ impl Counter {
             Counter::Signals => "signals",
             Counter::SignalsLost => "signals_lost",
             Counter::OverlapsPassed => "overlaps_passed",
+            Counter::PeerPassing => "peer_passing",
         }
     }
 }
 
 /// Number of slots in [`COUNTERS_MAP`].
-#[expect(clippy::cast_possible_truncation, reason = "14 counters fit any u32")]
+#[expect(clippy::cast_possible_truncation, reason = "15 counters fit any u32")]
 pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
 
 // The kernel side and userspace must agree on these layouts byte for byte.

@@ -118,6 +118,14 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
     let allowed = control.mode == MODE_REDIRECT
         && state.passed == control.user_read
         && state.redirected < control.redirect_limit;
+    if allowed && peer_is_passing(state.peer_cookie) {
+        // The peer's own passed skbs wait behind whatever is queued to be
+        // sent out of it, uncharged, so its window stays open while its
+        // memory grows. Redirecting more into it would prolong that.
+        count(Counter::PeerPassing, 1);
+        pass(ctx, cookie, state, &control);
+        return SK_PASS;
+    }
     if allowed {
         if SOCKETS.redirect_skb(ctx, state.peer_cookie, 0) == i64::from(SK_PASS) {
             state.redirected += len;
@@ -133,6 +141,19 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
     }
     pass(ctx, cookie, state, &control);
     SK_PASS
+}
+
+/// Whether the peer socket's verdict is keeping (or has kept, and
+/// userspace has not yet read) its own bytes. Read without the peer's
+/// lock: a stale answer costs one skb's worth of coupling, never order.
+fn peer_is_passing(peer_cookie: u64) -> bool {
+    // SAFETY: map values are plain data; a racing update is a whole value.
+    let (Some(peer_state), Some(peer_control)) = (unsafe { STATES.get(&peer_cookie) }, unsafe {
+        CONTROLS.get(&peer_cookie)
+    }) else {
+        return false;
+    };
+    peer_control.mode != MODE_REDIRECT || peer_state.passed != peer_control.user_read
 }
 
 /// Keeps the skb on its own socket for userspace, and tells userspace if

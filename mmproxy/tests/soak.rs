@@ -2,12 +2,11 @@
 //! the cases where naive sockmap splicing duplicated, truncated or
 //! stalled data on this kernel, each content-verified end to end.
 //!
-//! Wrong bytes with a clean end always fail. Resets and stalls fail too,
-//! with one documented exception: the 20 x 1 GiB batch that
-//! `cargo xtask test` (CI) runs tolerates one loud failure
-//! (`MMPROXY_SOAK_LOUD_ALLOWED`, default 1), because the measured rate is
-//! about 1 in 90 runs (docs/ebpf-datapath.md) and a strict batch of 20
-//! would fail CI about one time in five. `cargo xtask soak` sets it to 0.
+//! Wrong bytes with a clean end, resets and stalls all fail. Until the
+//! directions were coupled (docs/ebpf-datapath.md) about 1 run in 90
+//! stalled and CI tolerated one loud failure per batch; 300 runs after
+//! the change had none, so the default is strict again
+//! (`MMPROXY_SOAK_LOUD_ALLOWED`, default 0, raises it for experiments).
 //!
 //! `MMPROXY_SOAK_RUNS` sets the number of full-duplex 1 GiB runs (default
 //! 20, what `cargo xtask test` runs; `cargo xtask soak` runs more),
@@ -54,7 +53,7 @@ fn ebpf_full_duplex_1gib_echo_soak() {
         env_runs("MMPROXY_SOAK_RUNS", 20),
         GIB,
         None,
-        env_runs("MMPROXY_SOAK_LOUD_ALLOWED", 1),
+        env_runs("MMPROXY_SOAK_LOUD_ALLOWED", 0),
     );
 }
 
@@ -64,7 +63,7 @@ fn ebpf_full_duplex_1gib_echo_soak() {
 /// one skb), and the client pauses 5 ms every 4 MiB each way so that each
 /// direction drains and switches back. Each stream must still arrive
 /// whole, and the switch must really have happened: at least 200 PASS
-/// episodes.
+/// episodes, and redirected skbs in between.
 #[test]
 fn ebpf_pass_redirect_flips_soak() {
     let runs = env_runs("MMPROXY_SOAK_FLIP_RUNS", 40);
@@ -83,9 +82,13 @@ fn ebpf_pass_redirect_flips_soak() {
         episodes >= 200.min(u64::from(runs) * 5),
         "{episodes} PASS episodes in {runs} connections: the switch was not exercised"
     );
+    // While one direction passes, the other does not redirect into the
+    // same socket (coupled directions, docs/ebpf-datapath.md), so many
+    // episodes end without a redirect; the kernel path must still carry
+    // skbs, at least one per connection on average (measured: 6-8).
     assert!(
-        redirected >= episodes,
-        "{redirected} skbs redirected: the kernel path was not exercised"
+        redirected >= u64::from(runs),
+        "{redirected} skbs redirected in {runs} connections: the kernel path was not exercised"
     );
 }
 
