@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: every subject under the same workloads, in one
 //! run, in a network namespace of its own.
 //!
-//! For each cell (subject x workload) and repeat: a fresh subject process
-//! (the proxy, or nothing for `direct`), then `mmproxy-bench` (load
-//! generator and backend, `bench/`) inside the namespace, with the whole
+//! For each cell (subject x workload) and repeat: a fresh network
+//! namespace, a fresh subject process (the proxy, or nothing for
+//! `direct`), then `mmproxy-bench` (load generator and backend, `bench/`)
+//! inside the namespace, with the whole
 //! machine's CPU time read from /proc/stat around it and the subject's
 //! peak RSS from /proc/<pid>/status after it. Ratios are taken between
 //! medians of the same run; nothing is compared across runs.
@@ -269,7 +270,6 @@ pub(crate) fn bench(opts: &Options) -> Result<()> {
         Some(_) => subjects.extend([Subject::Haproxy, Subject::HaproxyClientPort]),
         None => eprintln!("bench: haproxy not installed; skipped (--peers installs it)"),
     }
-    let ns = Namespace::create()?;
     let mut results = Results::new();
     for workload in Workload::ALL {
         for &subject in &subjects {
@@ -277,6 +277,12 @@ pub(crate) fn bench(opts: &Options) -> Result<()> {
                 continue;
             }
             for repeat in 0..repeats {
+                // A fresh namespace per repeat: the connection rows leave
+                // thousands of TIME_WAIT sockets behind, which slowed every
+                // later connection row when one namespace served the run
+                // (session 7: plain 3,065 connections/s late in a shared
+                // namespace, 4,137-9,988 in fresh ones).
+                let ns = Namespace::create()?;
                 let sample = run_cell(&ns, &binaries, subject, workload, seconds)
                     .with_context(|| format!("{} under {}", subject.name(), workload.name()))?;
                 eprintln!(
@@ -295,7 +301,6 @@ pub(crate) fn bench(opts: &Options) -> Result<()> {
             }
         }
     }
-    drop(ns);
     let command = if opts.quick {
         "cargo xtask bench --quick".to_owned()
     } else {

@@ -135,8 +135,9 @@ fn header(md: &mut String, command: &str, chart: &Path) -> Result<()> {
     )?;
     writeln!(
         md,
-        "Everything runs in one network namespace on loopback: the load generator and its \
-         backend (`bench/`, one process), and the subject between them. `direct` is the \
+        "Each repeat runs in a fresh network namespace on loopback (so no repeat inherits \
+         another's TIME_WAIT sockets): the load generator and its backend (`bench/`, one \
+         process), and the subject between them. `direct` is the \
          generator talking to the backend with no proxy: the limit of this machine. Each \
          cell is repeated; the table gives the median and (min-max). Ratios are between \
          medians of this one run. CPU s/GB is the whole machine's busy time (user, system, \
