@@ -1,13 +1,14 @@
 //! `cargo xtask bench`: every subject under the same workloads, in one
-//! run, in a network namespace of its own.
+//! run.
 //!
-//! For each cell (subject x workload) and repeat: a fresh network
-//! namespace, a fresh subject process (the proxy, or nothing for
-//! `direct`), then `mmproxy-bench` (load generator and backend, `bench/`)
-//! inside the namespace, with the whole
-//! machine's CPU time read from /proc/stat around it and the subject's
-//! peak RSS from /proc/<pid>/status after it. Ratios are taken between
-//! medians of the same run; nothing is compared across runs.
+//! Repeats go round the subjects (each subject's first repeat, then each
+//! one's second, ...). Every repeat gets a fresh network namespace, a
+//! fresh subject process (the proxy, or nothing for `direct`), then
+//! `mmproxy-bench` (load generator and backend, `bench/`) inside the
+//! namespace, with the whole machine's CPU time read from /proc/stat
+//! around it and the subject's peak RSS from /proc/<pid>/status after it.
+//! Ratios are taken between medians of the same run; nothing is compared
+//! across runs.
 
 mod report;
 
@@ -272,11 +273,15 @@ pub(crate) fn bench(opts: &Options) -> Result<()> {
     }
     let mut results = Results::new();
     for workload in Workload::ALL {
-        for &subject in &subjects {
-            if !workload.runs_on(subject) {
-                continue;
-            }
-            for repeat in 0..repeats {
+        // Round-robin: repeat 1 of every subject, then repeat 2, ... so a
+        // slow minute of this shared VM lands on every subject alike (one
+        // run had direct's own flood range 4,113-8,332 Mbit/s when each
+        // subject's repeats ran back to back).
+        for repeat in 0..repeats {
+            for &subject in &subjects {
+                if !workload.runs_on(subject) {
+                    continue;
+                }
                 // A fresh namespace per repeat: the connection rows leave
                 // thousands of TIME_WAIT sockets behind, which slowed every
                 // later connection row when one namespace served the run
