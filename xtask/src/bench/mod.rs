@@ -357,11 +357,17 @@ fn run_cell(
             } else {
                 "ebpf"
             };
-            Some(ns.spawn(
+            // Ready means READY=1 on NOTIFY_SOCKET, not a listening port:
+            // the port opens before the BPF programs load, and the loader's
+            // start-up peak would otherwise be counted as the load's.
+            let notify = ReadyNotice::new()?;
+            let mut proc = ns.spawn(
                 &bin.mmproxy,
                 &[&proxy_args[..], &["--mode", mode], workload.mmproxy_args()].concat(),
-                &[],
-            )?)
+                &[("NOTIFY_SOCKET", notify.path()?)],
+            )?;
+            proc.ready_notice = Some(notify);
+            Some(proc)
         }
         Subject::GoMmproxy => {
             let go = bin.go_mmproxy.as_ref().context("go-mmproxy missing")?;
@@ -555,7 +561,10 @@ impl Namespace {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {}", program.display()))?;
-        Ok(SubjectProcess { child })
+        Ok(SubjectProcess {
+            child,
+            ready_notice: None,
+        })
     }
 }
 
@@ -570,17 +579,62 @@ impl Drop for Namespace {
 /// A proxy under test; killed on drop.
 struct SubjectProcess {
     child: Child,
+    /// Where a subject that speaks `sd_notify` says it is ready.
+    ready_notice: Option<ReadyNotice>,
+}
+
+/// A datagram socket standing in for systemd's `NOTIFY_SOCKET`; removed
+/// on drop.
+struct ReadyNotice {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl ReadyNotice {
+    fn new() -> Result<Self> {
+        let path =
+            std::env::temp_dir().join(format!("mmproxy-bench-notify-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let socket = std::os::unix::net::UnixDatagram::bind(&path)
+            .with_context(|| format!("cannot bind {}", path.display()))?;
+        socket.set_nonblocking(true)?;
+        Ok(Self { socket, path })
+    }
+
+    fn path(&self) -> Result<&str> {
+        self.path.to_str().context("non-UTF-8 temporary directory")
+    }
+
+    /// Whether READY=1 has arrived.
+    fn ready(&self) -> bool {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            if buf[..n].split(|&b| b == b'\n').any(|l| l == b"READY=1") {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl Drop for ReadyNotice {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl SubjectProcess {
-    /// Waits until the proxy accepts (TCP) or has had time to bind (UDP).
+    /// Waits until the proxy says it is ready (`sd_notify`), or else until
+    /// it accepts (TCP) or has bound (UDP).
     fn wait_ready(&mut self, udp: bool, ns: &Namespace) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("the proxy exited at start ({status})");
             }
-            let ready = if udp {
+            let ready = if let Some(notice) = &self.ready_notice {
+                notice.ready()
+            } else if udp {
                 udp_bound(ns)
             } else {
                 tcp_listening(ns)
