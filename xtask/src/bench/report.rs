@@ -217,29 +217,22 @@ fn peer_targets(r: &Results) -> Vec<(&'static str, Option<f64>, bool)> {
     use Workload::{ConnectionsEphemeralPort, ConnectionsPerSecond, Flood, RequestResponse};
     let flood = |s| median_of(r, Flood, s, "down_mbit_s");
     let cps = |s| median_of(r, ConnectionsPerSecond, s, "connections_s");
+    let ephemeral_cps = |s| median_of(r, ConnectionsEphemeralPort, s, "connections_s");
+    let rr = |s| median_of(r, RequestResponse, s, "requests_s");
     vec![
         (
             "connections/s: --source-port ephemeral >= 1.0x the default (plain)",
-            ratio(
-                median_of(r, ConnectionsEphemeralPort, Plain, "connections_s"),
-                cps(Plain),
-            ),
+            ratio(ephemeral_cps(Plain), cps(Plain)),
             true,
         ),
         (
             "request/response: plain >= 1.0x HAProxy usesrc",
-            ratio(
-                median_of(r, RequestResponse, Plain, "requests_s"),
-                median_of(r, RequestResponse, Haproxy, "requests_s"),
-            ),
+            ratio(rr(Plain), rr(Haproxy)),
             true,
         ),
         (
             "connections/s, ephemeral port: plain >= 1.0x HAProxy usesrc clientip",
-            ratio(
-                median_of(r, ConnectionsEphemeralPort, Plain, "connections_s"),
-                median_of(r, ConnectionsEphemeralPort, Haproxy, "connections_s"),
-            ),
+            ratio(ephemeral_cps(Plain), ephemeral_cps(Haproxy)),
             true,
         ),
         (
@@ -249,10 +242,7 @@ fn peer_targets(r: &Results) -> Vec<(&'static str, Option<f64>, bool)> {
         ),
         (
             "request/response: plain >= 1.0x HAProxy usesrc client",
-            ratio(
-                median_of(r, RequestResponse, Plain, "requests_s"),
-                median_of(r, RequestResponse, HaproxyClientPort, "requests_s"),
-            ),
+            ratio(rr(Plain), rr(HaproxyClientPort)),
             true,
         ),
         (
