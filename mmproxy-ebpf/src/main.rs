@@ -115,9 +115,7 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
     }
 
     let len = u64::from(ctx.len());
-    let allowed = control.mode == MODE_REDIRECT
-        && state.passed == control.user_read
-        && state.redirected < control.redirect_limit;
+    let allowed = !keeps_own_bytes(state, &control) && state.redirected < control.redirect_limit;
     if allowed && peer_is_passing(state.peer_cookie) {
         // The peer's own passed skbs wait behind whatever is queued to be
         // sent out of it, uncharged, so its window stays open while its
@@ -153,7 +151,14 @@ fn peer_is_passing(peer_cookie: u64) -> bool {
     }) else {
         return false;
     };
-    peer_control.mode != MODE_REDIRECT || peer_state.passed != peer_control.user_read
+    keeps_own_bytes(peer_state, peer_control)
+}
+
+/// Whether a socket's verdict keeps its bytes for userspace: its direction
+/// is in PASS, or it passed bytes userspace has not forwarded yet (nothing
+/// may be redirected past those).
+fn keeps_own_bytes(state: &SocketState, control: &FlowControl) -> bool {
+    control.mode != MODE_REDIRECT || state.passed != control.user_read
 }
 
 /// Keeps the skb on its own socket for userspace, and tells userspace if
