@@ -105,7 +105,7 @@ pub(crate) fn write(
     let chart = out.with_extension("svg");
     let mut md = String::new();
     header(&mut md, command, &chart)?;
-    for w in Workload::ALL {
+    for w in Workload::all() {
         table(&mut md, results, subjects, w)?;
     }
     targets(&mut md, results)?;
@@ -256,7 +256,7 @@ fn peer_targets(r: &Results) -> Vec<(&'static str, Option<f64>, bool)> {
 /// Issue #18: in every row plain mode (TCP) or mmproxy (UDP) at least
 /// 1.2x the best of the other implementations.
 fn best_peer_targets(r: &Results) -> Vec<(String, Option<f64>, bool)> {
-    Workload::ALL
+    Workload::all()
         .into_iter()
         .filter_map(|w| {
             let (peer, median) = best_peer(r, w)?;
@@ -374,7 +374,8 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
         RGBColor(255, 127, 14),
         RGBColor(140, 86, 75),
     ];
-    let groups = Workload::ALL.len();
+    let workloads = Workload::all();
+    let groups = workloads.len();
     let per_group = subjects.len();
     let root = SVGBackend::new(path, (1000, 480)).into_drawing_area();
     root.fill(&WHITE).context("chart")?;
@@ -399,7 +400,7 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             let idx = i as usize;
             if (x - i - 0.5).abs() < 1e-6 && idx < groups {
-                short_name(Workload::ALL[idx]).to_owned()
+                short_name(workloads[idx]).to_owned()
             } else {
                 String::new()
             }
@@ -409,7 +410,7 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
         .context("chart")?;
     for (si, &s) in subjects.iter().enumerate() {
         let color = colors[si % colors.len()];
-        let bars: Vec<Rectangle<(f64, f64)>> = Workload::ALL
+        let bars: Vec<Rectangle<(f64, f64)>> = workloads
             .iter()
             .enumerate()
             .filter_map(|(wi, &w)| {
