@@ -6,6 +6,7 @@
 mod bench;
 mod build_ebpf;
 mod deb;
+mod drop_trace;
 mod exec;
 mod fuzz;
 mod run;

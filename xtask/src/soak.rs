@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     build_ebpf::{self, build_ebpf},
+    drop_trace::DropTrace,
     exec::{cargo, exec, workspace_root},
 };
 
@@ -19,23 +20,54 @@ pub(crate) struct Options {
     /// between REDIRECT and PASS several times).
     #[arg(long, default_value_t = 200)]
     flip_runs: u32,
+    /// Record every skb the kernel drops (with its reason) and every TCP
+    /// retransmission during the soak, into target/soak-drops.trace, and
+    /// print the count per reason. Traces the whole machine.
+    #[arg(long)]
+    trace_drops: bool,
 }
 
 pub(crate) fn soak(opts: &Options) -> Result<()> {
     build_ebpf(&build_ebpf::Options::default())?;
+    // Built first, so the trace holds the soak and not the compiler.
     exec(
         cargo(None)
             .current_dir(workspace_root())
-            .args([
-                "test",
-                "--locked",
-                "--release",
-                "-p",
-                "mmproxy",
-                "--test",
-                "soak",
-                "--",
-            ])
+            .args(SOAK_TEST)
+            .arg("--no-run"),
+    )?;
+    let trace = if opts.trace_drops {
+        let out = workspace_root().join("target/soak-drops.trace");
+        eprintln!("soak: recording kernel drops into {}", out.display());
+        Some(DropTrace::start(&out)?)
+    } else {
+        None
+    };
+    let result = run_soak(opts);
+    if let Some(trace) = trace {
+        eprintln!("soak: skbs dropped, by reason:\n{}", trace.finish()?);
+    }
+    result
+}
+
+/// `cargo test` for the soak's test binary, in release: it moves
+/// gigabytes.
+const SOAK_TEST: [&str; 7] = [
+    "test",
+    "--locked",
+    "--release",
+    "-p",
+    "mmproxy",
+    "--test",
+    "soak",
+];
+
+fn run_soak(opts: &Options) -> Result<()> {
+    exec(
+        cargo(None)
+            .current_dir(workspace_root())
+            .args(SOAK_TEST)
+            .arg("--")
             .args(["--include-ignored", "--nocapture", "--test-threads", "1"])
             .env("MMPROXY_SOAK_RUNS", opts.runs.to_string())
             .env("MMPROXY_SOAK_FLIP_RUNS", opts.flip_runs.to_string())
