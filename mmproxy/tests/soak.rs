@@ -129,7 +129,7 @@ fn full_duplex_soak(
         let mut outcomes = Vec::new();
         let started = Instant::now();
         for run in 0..runs {
-            let client = SocketAddr::from(([192, 0, 2, 1], 30000 + u16::try_from(run).unwrap()));
+            let client = soak_client(run);
             outcomes
                 .push(support::echo_verified_with_pauses(sa(PROXY), client, size, pauses).await);
         }
@@ -167,8 +167,17 @@ fn full_duplex_soak(
         loud.len(),
         silent.len()
     );
-    for o in &loud {
-        eprintln!("soak: loud failure: {:?} after {} bytes", o.end, o.received);
+    // The run and its client port, to find the connection in a trace
+    // (`cargo xtask soak --trace-drops` records ports with retransmissions).
+    for (run, o) in (0..).zip(&outcomes) {
+        if !o.is_complete(size) && !o.is_silent_failure(size) {
+            eprintln!(
+                "soak: loud failure in run {run} (client {}): {:?} after {} bytes",
+                soak_client(run),
+                o.end,
+                o.received
+            );
+        }
     }
     assert!(silent.is_empty(), "silent failures: {silent:?}");
     assert!(
@@ -177,6 +186,12 @@ fn full_duplex_soak(
         loud.len()
     );
     counters
+}
+
+/// The client address run `run` claims in its PROXY header: its port
+/// names the run in the upstream socket's 4-tuple, so in a trace too.
+fn soak_client(run: u32) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, 1], 30000 + u16::try_from(run).unwrap()))
 }
 
 /// One-way 1 GiB uploads to a sink that answers with the SHA-256.
