@@ -9,8 +9,7 @@
 //! coupled about 1 run in 90 stalled; after it, 2 in 640 (0 in a 300-run
 //! soak, 1 in a 20-run CI batch, 1 in a traced 300-run soak:
 //! docs/ebpf-datapath.md), so a strict batch would still fail CI about one
-//! time in sixteen. `cargo xtask
-//! soak` sets it to 0.
+//! time in sixteen. `cargo xtask soak` sets it to 0.
 //!
 //! `MMPROXY_SOAK_RUNS` sets the number of full-duplex 1 GiB runs (default
 //! 20, what `cargo xtask test` runs; `cargo xtask soak` runs more),
@@ -158,26 +157,25 @@ fn full_duplex_soak(
         .iter()
         .filter(|o| o.is_silent_failure(size))
         .collect();
-    let loud: Vec<_> = outcomes
-        .iter()
-        .filter(|o| !o.is_complete(size) && !o.is_silent_failure(size))
+    // Each with its run number: the run's client port finds the
+    // connection in a trace (`cargo xtask soak --trace-drops` records
+    // ports with retransmissions).
+    let loud: Vec<_> = (0..)
+        .zip(&outcomes)
+        .filter(|(_, o)| !o.is_complete(size) && !o.is_silent_failure(size))
         .collect();
     eprintln!(
         "soak: {complete} complete, {} reset or stalled (loud), {} silent failures; {counters}",
         loud.len(),
         silent.len()
     );
-    // The run and its client port, to find the connection in a trace
-    // (`cargo xtask soak --trace-drops` records ports with retransmissions).
-    for (run, o) in (0..).zip(&outcomes) {
-        if !o.is_complete(size) && !o.is_silent_failure(size) {
-            eprintln!(
-                "soak: loud failure in run {run} (client {}): {:?} after {} bytes",
-                soak_client(run),
-                o.end,
-                o.received
-            );
-        }
+    for &(run, o) in &loud {
+        eprintln!(
+            "soak: loud failure in run {run} (client {}): {:?} after {} bytes",
+            soak_client(run),
+            o.end,
+            o.received
+        );
     }
     assert!(silent.is_empty(), "silent failures: {silent:?}");
     assert!(
