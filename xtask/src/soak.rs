@@ -44,10 +44,21 @@ pub(crate) fn soak(opts: &Options) -> Result<()> {
         None
     };
     let result = run_soak(opts);
-    if let Some(trace) = trace {
-        eprintln!("soak: skbs dropped, by reason:\n{}", trace.finish()?);
+    let Some(trace) = trace else {
+        return result;
+    };
+    // The summary matters most when the soak failed, and the soak's own
+    // verdict comes first: a trace that cannot be read back fails the task
+    // only after it.
+    let summary = trace.finish();
+    match (&summary, &result) {
+        (Ok(summary), _) => eprintln!("soak: skbs dropped, by reason:\n{summary}"),
+        // Otherwise lost behind the soak's error.
+        (Err(e), Err(_)) => eprintln!("soak: the drop trace failed too: {e:#}"),
+        (Err(_), Ok(())) => {}
     }
-    result
+    result?;
+    summary.map(drop)
 }
 
 /// `cargo test` for the soak's test binary, in release: it moves
