@@ -145,9 +145,9 @@ pub async fn backends(config: &Config, routing_pending: bool) -> Vec<CheckLine> 
         }];
     }
     let opts = UpstreamOptions {
-        mark: config.mark,
         source_port: SourcePortPolicy::Ephemeral,
         connect_timeout: PROBE_TIMEOUT,
+        ..config.upstream_options()
     };
     let mut lines = Vec::new();
     for (target, probe, flag) in [

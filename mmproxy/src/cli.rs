@@ -158,6 +158,18 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub connect_timeout_secs: u64,
 
+    /// KiB: the most a backend may send toward one upstream socket before
+    /// it is acknowledged (`TCP_WINDOW_CLAMP`, set before connecting; 0: the
+    /// kernel's default). Clamping keeps the upstream socket's window scale
+    /// small (1024 KiB: scale 5), which keeps a backend that retracts its
+    /// window under memory pressure from dropping every acknowledgment the
+    /// socket sends and deadlocking the connection (Linux before 7.1). A
+    /// connection then moves at most this much per round trip from the
+    /// backend: raise it for backends far away.
+    #[arg(long = "upstream-window-clamp-kib", value_name = "KIB", default_value_t = 1024,
+          value_parser = parse_window_clamp_kib)]
+    pub upstream_window_clamp_kib: u32,
+
     /// Most TCP connections handled at once; further clients wait in the
     /// listen backlog.
     #[arg(long = "max-connections", value_name = "N", default_value_t = 32768,
@@ -265,6 +277,19 @@ fn parse_protocols(s: &str) -> Result<Protocols, String> {
     Ok(p)
 }
 
+/// 0 (no clamp) or 4 KiB to 1 GiB: the kernel raises smaller clamps to
+/// about 2 KiB, and a window larger than 1 GiB cannot be advertised.
+fn parse_window_clamp_kib(s: &str) -> Result<u32, String> {
+    let kib: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of KiB"))?;
+    if kib == 0 || (4..=1_048_576).contains(&kib) {
+        Ok(kib)
+    } else {
+        Err(format!("{kib} KiB: use 0 (no clamp) or 4 to 1048576"))
+    }
+}
+
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
     parse_net(s).ok_or_else(|| format!("'{s}' is not a CIDR subnet (e.g. 192.0.2.0/24)"))
 }
@@ -308,6 +333,7 @@ const LONG_FLAGS: &[&str] = &[
     "ebpf-max-backlog-kib",
     "header-timeout",
     "connect-timeout",
+    "upstream-window-clamp-kib",
     "max-connections",
     "max-pending-headers",
     "max-conns-per-source",

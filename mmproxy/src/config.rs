@@ -45,6 +45,8 @@ pub struct Config {
     pub ebpf_max_backlog: u64,
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Bytes; `None`: the kernel's default window (`--upstream-window-clamp-kib 0`).
+    pub upstream_window_clamp: Option<u32>,
     pub max_connections: u32,
     pub max_pending_headers: u32,
     /// 0: no limit.
@@ -106,6 +108,8 @@ impl Config {
             ebpf_max_backlog: cli.ebpf_max_backlog_kib * 1024,
             header_timeout: Duration::from_secs(cli.header_timeout_secs),
             connect_timeout: Duration::from_secs(cli.connect_timeout_secs),
+            upstream_window_clamp: (cli.upstream_window_clamp_kib > 0)
+                .then(|| cli.upstream_window_clamp_kib * 1024),
             max_connections: cli.max_connections,
             max_pending_headers: cli.max_pending_headers,
             max_conns_per_source: cli.max_conns_per_source,
@@ -123,12 +127,14 @@ impl Config {
         })
     }
 
-    /// How upstream sockets are made: mark, source port, connect timeout.
+    /// How upstream sockets are made: mark, source port, connect timeout,
+    /// window clamp.
     pub fn upstream_options(&self) -> UpstreamOptions {
         UpstreamOptions {
             mark: self.mark,
             source_port: self.source_port,
             connect_timeout: self.connect_timeout,
+            window_clamp: self.upstream_window_clamp,
         }
     }
 
@@ -321,6 +327,26 @@ mod tests {
             parse("# nothing\n\n"),
             Err(ConfigError::NoSubnets { .. })
         ));
+    }
+
+    #[test]
+    fn upstream_window_clamp_is_in_bytes_and_0_turns_it_off() {
+        use clap::Parser as _;
+        let clamp = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("mmproxy").chain(args.iter().copied()))
+                .unwrap();
+            Config::from_cli(&cli)
+                .unwrap()
+                .upstream_options()
+                .window_clamp
+        };
+        assert_eq!(clamp(&[]), Some(1 << 20));
+        assert_eq!(clamp(&["--upstream-window-clamp-kib", "0"]), None);
+        assert_eq!(clamp(&["--upstream-window-clamp-kib", "4"]), Some(4096));
+        assert_eq!(
+            clamp(&["--upstream-window-clamp-kib", "1048576"]),
+            Some(1 << 30)
+        );
     }
 
     #[test]

@@ -113,6 +113,23 @@ pub fn send_queue_bytes(fd: &impl AsRawFd) -> io::Result<u64> {
     }
 }
 
+/// Sets `TCP_WINDOW_CLAMP`: the receive window never exceeds `bytes`.
+/// Set before `connect()` it also caps the window scale the SYN announces
+/// (`tcp_select_initial_window`: 1 MiB gives scale 5 instead of the 10 that
+/// a 32 MiB `tcp_rmem` maximum gives). That is the point: when the peer has
+/// retracted its window to zero and less than 2^scale bytes of ours are in
+/// flight beyond it, Linux before 7.1 still stamps our acknowledgments with
+/// `snd_nxt` (`tcp_acceptable_seq`), beyond the retracted edge, and the
+/// peer drops every one of them (`tcp_sequence`); if the peer waits for
+/// those acknowledgments before it reads again, neither side ever moves.
+/// A smaller scale makes that window of bytes small enough (32 bytes at
+/// scale 5) that the acknowledgments carry `snd_una` instead, which the
+/// peer accepts. docs/ebpf-datapath.md, "The stall, reproduced".
+pub fn set_window_clamp(fd: &impl AsRawFd, bytes: u32) -> io::Result<()> {
+    let bytes = i32::try_from(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
+}
+
 /// `setsockopt` with an `int` value.
 fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: a valid pointer to an int, and its size.

@@ -20,6 +20,9 @@ pub struct UpstreamOptions {
     pub mark: u32,
     pub source_port: SourcePortPolicy,
     pub connect_timeout: Duration,
+    /// `TCP_WINDOW_CLAMP` in bytes, set before connecting (TCP only); `None`:
+    /// the kernel's default. Why: [`sockopt::set_window_clamp`].
+    pub window_clamp: Option<u32>,
 }
 
 /// Why no upstream connection could be made.
@@ -31,6 +34,12 @@ pub enum UpstreamError {
         "cannot set IP_TRANSPARENT on the upstream socket (needs CAP_NET_ADMIN or CAP_NET_RAW)"
     )]
     Transparent(#[source] io::Error),
+    #[error("cannot set TCP_WINDOW_CLAMP to {bytes} bytes on the upstream socket")]
+    WindowClamp {
+        bytes: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot set SO_MARK {mark} (needs CAP_NET_ADMIN)")]
     Mark {
         mark: u32,
@@ -74,6 +83,7 @@ impl UpstreamError {
             UpstreamError::Socket(_) => "socket",
             UpstreamError::Transparent(_) => "transparent",
             UpstreamError::Mark { .. } => "mark",
+            UpstreamError::WindowClamp { .. } => "window_clamp",
             UpstreamError::Bind { .. } => "bind",
             UpstreamError::SourcePortInUse { .. } => "source_port_in_use",
             UpstreamError::Connect { .. } => "connect",
@@ -87,6 +97,7 @@ impl UpstreamError {
             UpstreamError::Socket(e)
             | UpstreamError::Transparent(e)
             | UpstreamError::Mark { source: e, .. }
+            | UpstreamError::WindowClamp { source: e, .. }
             | UpstreamError::Bind { source: e, .. }
             | UpstreamError::Connect { source: e, .. } => e.raw_os_error(),
             _ => None,
@@ -177,6 +188,11 @@ fn new_socket(
     spoof: bool,
 ) -> Result<Socket, UpstreamError> {
     let socket = new_raw_socket(backend, opts, spoof, Type::STREAM, Protocol::TCP)?;
+    if let Some(bytes) = opts.window_clamp {
+        // Before connect(): the SYN fixes the window scale.
+        sockopt::set_window_clamp(&socket, bytes)
+            .map_err(|source| UpstreamError::WindowClamp { bytes, source })?;
+    }
     if spoof {
         // TCP only: lets a client port still in TIME_WAIT be bound again
         // (connect then decides). On UDP it would let two sessions share

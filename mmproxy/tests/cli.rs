@@ -48,6 +48,15 @@ fn bad_values_exit_2_with_one_line() {
     assert_one_line_error(&["--mode", "fast"], "fast");
     assert_one_line_error(&["--ebpf-max-backlog-kib", "8"], "8");
     assert_one_line_error(&["--ebpf-max-backlog-kib", "2000000"], "2000000");
+    assert_one_line_error(
+        &["--upstream-window-clamp-kib", "3"],
+        "use 0 (no clamp) or 4",
+    );
+    assert_one_line_error(&["--upstream-window-clamp-kib", "1048577"], "1048577");
+    assert_one_line_error(
+        &["--upstream-window-clamp-kib", "big"],
+        "not a number of KiB",
+    );
     assert_one_line_error(&["--source-port", "random"], "random");
     assert_one_line_error(&["--header-timeout", "0"], "0");
     assert_one_line_error(&["--no-such-flag"], "--no-such-flag");
