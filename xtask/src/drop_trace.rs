@@ -27,11 +27,34 @@ const EVENTS: [&str; 2] = ["skb/kfree_skb", "tcp/tcp_retransmit_skb"];
 /// (`sk_psock_backlog`, net/core/skmsg.c): a completion, not a drop.
 const NOT_A_DROP: &str = "location.function != sk_psock_backlog";
 
-/// A running recording; [`DropTrace::finish`] stops it.
+/// A running recording; [`DropTrace::finish`] stops it. Dropped without
+/// `finish` (a soak that failed), it still stops the reader and removes
+/// the instance.
 pub(crate) struct DropTrace {
-    instance: PathBuf,
     reader: Child,
+    instance: Instance,
     out: PathBuf,
+}
+
+/// Our tracing instance, removed when dropped, so that a start that fails
+/// half way leaves no instance tracing behind.
+struct Instance(PathBuf);
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = fs::write(self.0.join("tracing_on"), "0");
+        // Fails harmlessly when finish() has already removed it.
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+impl Drop for DropTrace {
+    fn drop(&mut self) {
+        // The reader holds trace_pipe open, which keeps the instance busy:
+        // it goes first (fields drop after this, the instance last).
+        let _ = self.reader.kill();
+        let _ = self.reader.wait();
+    }
 }
 
 impl DropTrace {
@@ -44,26 +67,27 @@ impl DropTrace {
         else {
             bail!("no tracefs at {TRACEFS:?} (mount it, and run as root)");
         };
-        let instance = tracefs.join(INSTANCE);
-        if !instance.is_dir() {
-            fs::create_dir(&instance)
-                .with_context(|| format!("creating the tracing instance {}", instance.display()))?;
+        let path = tracefs.join(INSTANCE);
+        if !path.is_dir() {
+            fs::create_dir(&path)
+                .with_context(|| format!("creating the tracing instance {}", path.display()))?;
         }
-        write(&instance, "events/skb/kfree_skb/filter", NOT_A_DROP)?;
+        let instance = Instance(path);
+        write(&instance.0, "events/skb/kfree_skb/filter", NOT_A_DROP)?;
         for event in EVENTS {
-            write(&instance, &format!("events/{event}/enable"), "1")?;
+            write(&instance.0, &format!("events/{event}/enable"), "1")?;
         }
-        write(&instance, "trace", "")?;
-        write(&instance, "tracing_on", "1")?;
+        write(&instance.0, "trace", "")?;
+        write(&instance.0, "tracing_on", "1")?;
         let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
         let reader = Command::new("cat")
-            .arg(instance.join("trace_pipe"))
+            .arg(instance.0.join("trace_pipe"))
             .stdout(file)
             .spawn()
             .context("starting cat on trace_pipe")?;
         Ok(Self {
-            instance,
             reader,
+            instance,
             out: out.to_owned(),
         })
     }
@@ -71,13 +95,13 @@ impl DropTrace {
     /// Stops recording, removes the instance, and returns one line per drop
     /// reason and one for retransmissions, with their counts.
     pub(crate) fn finish(mut self) -> Result<String> {
-        write(&self.instance, "tracing_on", "0")?;
+        write(&self.instance.0, "tracing_on", "0")?;
         // cat has read everything the kernel handed it; what is left in the
         // buffer after tracing stopped is at most a page.
         let _ = self.reader.kill();
         let _ = self.reader.wait();
-        fs::remove_dir(&self.instance)
-            .with_context(|| format!("removing {}", self.instance.display()))?;
+        fs::remove_dir(&self.instance.0)
+            .with_context(|| format!("removing {}", self.instance.0.display()))?;
         let text = fs::read_to_string(&self.out)
             .with_context(|| format!("reading {}", self.out.display()))?;
         Ok(summarize(&text))
