@@ -76,7 +76,7 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
 
     // SAFETY: the context of an sk_skb program is a valid sk_buff.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let Some(state) = STATES.get_ptr_mut(&cookie) else {
+    let Some(state) = STATES.get_ptr_mut(cookie) else {
         // Not armed (or being torn down). Passing keeps the bytes on this
         // socket, where userspace can still read them; dropping would
         // lose data TCP has already acknowledged.
@@ -87,9 +87,7 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
     // verdict runs with this socket locked, so no other writer races us.
     let state = unsafe { &mut *state };
     // SAFETY: as above; userspace replaces the whole value atomically.
-    let control = unsafe { CONTROLS.get(&cookie) }
-        .copied()
-        .unwrap_or_default();
+    let control = unsafe { CONTROLS.get(cookie) }.copied().unwrap_or_default();
 
     match skip_already_redirected(ctx, state) {
         Overlap::None => {}
@@ -146,8 +144,8 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
 /// lock: a stale answer costs one skb's worth of coupling, never order.
 fn peer_is_passing(peer_cookie: u64) -> bool {
     // SAFETY: map values are plain data; a racing update is a whole value.
-    let (Some(peer_state), Some(peer_control)) = (unsafe { STATES.get(&peer_cookie) }, unsafe {
-        CONTROLS.get(&peer_cookie)
+    let (Some(peer_state), Some(peer_control)) = (unsafe { STATES.get(peer_cookie) }, unsafe {
+        CONTROLS.get(peer_cookie)
     }) else {
         return false;
     };
