@@ -148,6 +148,13 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
     pub ebpf_max_backlog_kib: u64,
 
+    /// ebpf mode: milliseconds a connection is forwarded by copying before
+    /// it is armed (put into the kernel's data path). A connection that
+    /// ends sooner never costs the kernel path's set-up; 0 arms at once.
+    #[arg(long = "ebpf-arm-after-ms", value_name = "MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub ebpf_arm_after_ms: u64,
+
     /// Seconds a TCP client has to send a complete PROXY header.
     #[arg(long = "header-timeout", value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -331,6 +338,7 @@ const LONG_FLAGS: &[&str] = &[
     "listen-transparent",
     "mode",
     "ebpf-max-backlog-kib",
+    "ebpf-arm-after-ms",
     "header-timeout",
     "connect-timeout",
     "upstream-window-clamp-kib",

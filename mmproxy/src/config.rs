@@ -12,6 +12,7 @@ use ipnet::IpNet;
 
 use crate::{
     cli::Cli,
+    forward::sockmap::EbpfOptions,
     policy::{Policy, SourceOverrides, parse_net},
     routing::RoutingSpec,
     upstream::UpstreamOptions,
@@ -43,6 +44,9 @@ pub struct Config {
     /// ebpf mode: bytes per direction in the kernel's redirect backlog
     /// before the direction goes back to userspace.
     pub ebpf_max_backlog: u64,
+    /// ebpf mode: how long a connection is copied in userspace before it
+    /// is armed.
+    pub ebpf_arm_after: Duration,
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
     /// Bytes; `None`: the kernel's default window (`--upstream-window-clamp-kib 0`).
@@ -106,6 +110,7 @@ impl Config {
             listen_transparent: cli.listen_transparent,
             mode: cli.mode,
             ebpf_max_backlog: cli.ebpf_max_backlog_kib * 1024,
+            ebpf_arm_after: Duration::from_millis(cli.ebpf_arm_after_ms),
             header_timeout: Duration::from_secs(cli.header_timeout_secs),
             connect_timeout: Duration::from_secs(cli.connect_timeout_secs),
             upstream_window_clamp: (cli.upstream_window_clamp_kib > 0)
@@ -135,6 +140,14 @@ impl Config {
             source_port: self.source_port,
             connect_timeout: self.connect_timeout,
             window_clamp: self.upstream_window_clamp,
+        }
+    }
+
+    /// What the ebpf data path is configured with.
+    pub fn ebpf_options(&self) -> EbpfOptions {
+        EbpfOptions {
+            max_backlog: self.ebpf_max_backlog,
+            arm_after: self.ebpf_arm_after,
         }
     }
 

@@ -25,12 +25,13 @@ const PROXY: &str = "127.0.0.1:8443";
 const BACKEND: &str = "127.0.0.1:9000";
 
 fn start(ns: &Netns, mode: &'static str, extra: &[&str]) -> Daemon {
-    let mut args = vec!["-l", PROXY, "-4", BACKEND, "-v", "1", "--mode", mode];
+    let mut args = vec!["-l", PROXY, "-4", BACKEND, "-v", "1"];
+    args.extend(support::mode_args(mode));
     args.extend_from_slice(extra);
     Daemon::start(ns, &args)
 }
 
-both_modes!(
+each_data_path!(
     client_pauses_reading_for_10s_then_reads_everything,
     backend_reset_during_a_full_backlog_is_mirrored,
     backend_half_close_during_a_full_backlog,
@@ -186,7 +187,7 @@ fn sigterm_during_backlogged_transfers_resets_what_it_cuts(mode: &'static str) {
         return;
     };
     let mut extra = vec!["--drain-timeout", "2"];
-    if mode == "ebpf" {
+    if support::is_ebpf(mode) {
         extra.extend(["--ebpf-max-backlog-kib", "16"]);
     }
     let mut d = start(&ns, mode, &extra);

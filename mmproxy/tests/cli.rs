@@ -48,6 +48,9 @@ fn bad_values_exit_2_with_one_line() {
     assert_one_line_error(&["--mode", "fast"], "fast");
     assert_one_line_error(&["--ebpf-max-backlog-kib", "8"], "8");
     assert_one_line_error(&["--ebpf-max-backlog-kib", "2000000"], "2000000");
+    assert_one_line_error(&["--ebpf-arm-after-ms", "60001"], "60001");
+    assert_one_line_error(&["--ebpf-arm-after-ms", "-1"], "-1");
+    assert_one_line_error(&["--ebpf-arm-after-ms", "1s"], "1s");
     assert_one_line_error(
         &["--upstream-window-clamp-kib", "3"],
         "use 0 (no clamp) or 4",

@@ -118,6 +118,10 @@ struct Outcome {
 /// socket's acknowledgments are accepted.
 fn squeeze(ns: &Netns, mode: &'static str, extra: &[&str]) -> Outcome {
     let mut args = vec!["-l", PROXY, "-4", BACKEND, "--mode", mode];
+    if mode == "ebpf" {
+        // The squeeze must meet the kernel path, armed from the first byte.
+        args.extend(["--ebpf-arm-after-ms", "0"]);
+    }
     args.extend_from_slice(extra);
     let _daemon = Daemon::start(ns, &args);
     ns.run(async move {

@@ -41,6 +41,26 @@ fn start(ns: &Netns, mode: &str) -> Daemon {
     Daemon::start(ns, &["-l", PROXY, "-4", BACKEND, "--mode", mode, "-v", "1"])
 }
 
+/// ebpf mode armed from the first byte (no warm-up): for the tests about
+/// arming itself.
+fn start_armed_at_once(ns: &Netns) -> Daemon {
+    Daemon::start(
+        ns,
+        &[
+            "-l",
+            PROXY,
+            "-4",
+            BACKEND,
+            "--mode",
+            "ebpf",
+            "-v",
+            "1",
+            "--ebpf-arm-after-ms",
+            "0",
+        ],
+    )
+}
+
 fn env_runs(name: &str, default: u32) -> u32 {
     std::env::var(name)
         .ok()
@@ -52,14 +72,27 @@ fn env_runs(name: &str, default: u32) -> u32 {
 fn ebpf_full_duplex_1gib_echo_soak() {
     let extra = std::env::var("MMPROXY_SOAK_ARGS").unwrap_or_default();
     let extra: Vec<&str> = extra.split_whitespace().collect();
-    full_duplex_soak(
+    let runs = env_runs("MMPROXY_SOAK_RUNS", 20);
+    let counters = full_duplex_soak(
         "ebpf_full_duplex_soak",
         &extra,
-        env_runs("MMPROXY_SOAK_RUNS", 20),
+        runs,
         GIB,
         None,
         env_runs("MMPROXY_SOAK_LOUD_ALLOWED", 1),
     );
+    // Each run outlives the warm-up (--ebpf-arm-after-ms) by far and is
+    // armed in the middle of its flood (100 of 100 in session 10); a run
+    // never armed would test the warm-up's copying instead of the kernel
+    // path, so this soak demands nine in ten.
+    if counters.contains("connections_armed") {
+        let armed = counter(&counters, "connections_armed");
+        eprintln!("soak: {armed} of {runs} connections armed after the warm-up");
+        assert!(
+            armed * 10 >= u64::from(runs) * 9,
+            "{armed} of {runs} long connections armed after the warm-up"
+        );
+    }
 }
 
 /// Backpressure under load: with a 16 KiB backlog limit every
@@ -72,13 +105,21 @@ fn ebpf_full_duplex_1gib_echo_soak() {
 #[test]
 fn ebpf_pass_redirect_flips_soak() {
     let runs = env_runs("MMPROXY_SOAK_FLIP_RUNS", 40);
+    // Armed at once: with the default warm-up only 40 of 200 such runs
+    // were armed (their directions rarely catch up at the same moment),
+    // and this soak is about the switching of armed connections.
     let counters = full_duplex_soak(
         "ebpf_flips_soak",
-        &["--ebpf-max-backlog-kib", "16"],
+        &["--ebpf-max-backlog-kib", "16", "--ebpf-arm-after-ms", "0"],
         runs,
         64 << 20,
         Some((4 << 20, Duration::from_millis(5))),
         0,
+    );
+    assert_eq!(
+        counter(&counters, "connections_armed"),
+        u64::from(runs),
+        "every connection is armed (no warm-up)"
     );
     let episodes = counter(&counters, "pass_episodes");
     let redirected = counter(&counters, "redirected_skbs");
@@ -222,7 +263,9 @@ fn ebpf_many_small_connections() {
     let Some(ns) = netns_or_skip("ebpf_many_small") else {
         return;
     };
-    let _d = start(&ns, "ebpf");
+    // Each is armed: short connections are what the warm-up keeps out of
+    // the kernel path, and this test is about arming 2,000 of them.
+    let _d = start_armed_at_once(&ns);
     ns.run(async {
         let _backend = Backend::start(BACKEND, BackendKind::Echo).await;
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(50));
@@ -259,10 +302,7 @@ fn ebpf_reply_racing_the_arming_stays_in_order() {
     let Some(ns) = netns_or_skip("ebpf_burst_arming") else {
         return;
     };
-    let d = Daemon::start(
-        &ns,
-        &["-l", PROXY, "-4", BACKEND, "--mode", "ebpf", "-v", "1"],
-    );
+    let d = start_armed_at_once(&ns);
     let bad = ns.run(async {
         let _backend = Backend::start(
             BACKEND,

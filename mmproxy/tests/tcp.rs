@@ -26,20 +26,12 @@ const PROXY6: &str = "[::1]:8443";
 const BACKEND4: &str = "127.0.0.1:9000";
 const BACKEND6: &str = "[::1]:9000";
 
-/// Flags every test starts from: dual-stack listener, both targets, -v 2.
+/// Flags every test starts from: dual-stack listener, both targets, -v 2,
+/// and the data path.
 fn base_args(mode: &'static str) -> Vec<&'static str> {
-    vec![
-        "-l",
-        "[::]:8443",
-        "-4",
-        BACKEND4,
-        "-6",
-        BACKEND6,
-        "-v",
-        "2",
-        "--mode",
-        mode,
-    ]
+    let mut args = vec!["-l", "[::]:8443", "-4", BACKEND4, "-6", BACKEND6, "-v", "2"];
+    args.extend(support::mode_args(mode));
+    args
 }
 
 fn start(ns: &Netns, mode: &'static str, extra: &[&str]) -> Daemon {
@@ -48,7 +40,7 @@ fn start(ns: &Netns, mode: &'static str, extra: &[&str]) -> Daemon {
     Daemon::start(ns, &args)
 }
 
-both_modes!(
+each_data_path!(
     v1_ipv4_client_is_spoofed,
     v2_ipv6_client_is_spoofed,
     tcp6_header_over_ipv4_frontend_goes_to_the_ipv6_target,
@@ -600,34 +592,14 @@ fn mark_is_set_on_upstream_sockets(mode: &'static str) {
     };
     // Traffic to 127.0.0.2 is prohibited unless it carries mark 7.
     ns.only_marked_reaches("127.0.0.2/32", "7");
-    let marked = Daemon::start(
-        &ns,
-        &[
-            "-l",
-            "127.0.0.1:8443",
-            "-4",
-            "127.0.0.2:9000",
-            "-mark",
-            "7",
-            "--mode",
-            mode,
-            "-v",
-            "1",
-        ],
-    );
-    let unmarked = Daemon::start(
-        &ns,
-        &[
-            "-l",
-            "127.0.0.1:8444",
-            "-4",
-            "127.0.0.2:9000",
-            "--mode",
-            mode,
-            "-v",
-            "1",
-        ],
-    );
+    let daemon = |listen, extra: &[&'static str]| {
+        let mut args = vec!["-l", listen, "-4", "127.0.0.2:9000", "-v", "1"];
+        args.extend(support::mode_args(mode));
+        args.extend_from_slice(extra);
+        Daemon::start(&ns, &args)
+    };
+    let marked = daemon("127.0.0.1:8443", &["-mark", "7"]);
+    let unmarked = daemon("127.0.0.1:8444", &[]);
     ns.run(async {
         let backend = Backend::start("127.0.0.2:9000", BackendKind::Echo).await;
         let client = sa("192.0.2.1:40017");
@@ -685,7 +657,8 @@ fn listen_transparent_binds_an_address_that_is_not_local(mode: &'static str) {
     // Without the flag the address cannot be bound: start-up fails, exit 1.
     let out = ns
         .command(support::daemon_binary())
-        .args(["-l", FOREIGN, "-4", BACKEND4, "--mode", mode])
+        .args(["-l", FOREIGN, "-4", BACKEND4])
+        .args(support::mode_args(mode))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -696,18 +669,9 @@ fn listen_transparent_binds_an_address_that_is_not_local(mode: &'static str) {
     );
     // With it, IP_TRANSPARENT lets the listener take the address, as a
     // TPROXY set-up needs; a route then delivers it locally.
-    let _d = Daemon::start(
-        &ns,
-        &[
-            "-l",
-            FOREIGN,
-            "--listen-transparent",
-            "-4",
-            BACKEND4,
-            "--mode",
-            mode,
-        ],
-    );
+    let mut args = vec!["-l", FOREIGN, "--listen-transparent", "-4", BACKEND4];
+    args.extend(support::mode_args(mode));
+    let _d = Daemon::start(&ns, &args);
     ns.ip(&["route", "add", "local", "198.51.100.7/32", "dev", "lo"]);
     ns.run(async {
         let backend = Backend::start(BACKEND4, BackendKind::Echo).await;

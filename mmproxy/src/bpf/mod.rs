@@ -58,6 +58,9 @@ pub struct Datapath {
     /// Times a direction was switched to PASS because its backlog grew
     /// (or its reader fell behind), summed over connections.
     pass_episodes: AtomicU64,
+    /// Connections armed (the others ended during the warm-up or could
+    /// not be armed).
+    connections_armed: AtomicU64,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -114,6 +117,7 @@ impl Datapath {
             counters,
             signals: Mutex::new(Some(signals)),
             pass_episodes: AtomicU64::new(0),
+            connections_armed: AtomicU64::new(0),
         })
     }
 
@@ -187,6 +191,16 @@ impl Datapath {
     /// Directions switched to PASS since start.
     pub fn pass_episodes(&self) -> u64 {
         self.pass_episodes.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection armed.
+    pub fn count_armed(&self) {
+        self.connections_armed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections armed since start.
+    pub fn connections_armed(&self) -> u64 {
+        self.connections_armed.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {

@@ -124,7 +124,7 @@ impl Forwarder {
     /// the strict soak only with a tolerance and is slower and dearer than
     /// plain on this kernel (docs/ebpf-datapath.md). ebpf loads and
     /// attaches the BPF programs, or says why it cannot.
-    pub fn for_mode(mode: Mode, ebpf_max_backlog: u64) -> Result<Self, LoadError> {
+    pub fn for_mode(mode: Mode, ebpf: sockmap::EbpfOptions) -> Result<Self, LoadError> {
         match mode {
             Mode::Plain => Ok(Forwarder::Plain(splice::SpliceForwarder::new())),
             Mode::Auto => {
@@ -139,7 +139,7 @@ impl Forwarder {
                 info!("mode ebpf: verdict program attached");
                 Ok(Forwarder::Ebpf(sockmap::SockmapForwarder::new(
                     Arc::new(datapath),
-                    ebpf_max_backlog,
+                    ebpf,
                 )))
             }
         }

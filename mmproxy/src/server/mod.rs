@@ -266,7 +266,7 @@ impl Serving<'_> {
             return Ok(None);
         }
         let config = self.config;
-        let forwarder = Forwarder::for_mode(config.mode, config.ebpf_max_backlog)
+        let forwarder = Forwarder::for_mode(config.mode, config.ebpf_options())
             .map_err(|e| StartError::EbpfUnavailable(error_chain(&e)))?;
         let ctx = AcceptContext {
             proxy: Arc::new(TcpProxy {

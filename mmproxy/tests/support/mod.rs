@@ -31,6 +31,41 @@ macro_rules! both_modes {
     };
 }
 
+/// Declares each test function `$name(mode)` once per data path and
+/// configuration: `plain::$name`; `ebpf::$name`, armed from the first
+/// byte, so the kernel path itself is held to the contract; and
+/// `ebpf_warm_up::$name`, ebpf mode's default, copied in userspace for
+/// `--ebpf-arm-after-ms` and armed after (short tests end before it).
+/// [`mode_args`] turns `mode` into flags.
+#[allow(unused_macros, reason = "only the suites about the data path use it")]
+macro_rules! each_data_path {
+    ($($name:ident),* $(,)?) => {
+        mod plain {
+            $(#[test] fn $name() { super::$name("plain") })*
+        }
+        mod ebpf {
+            $(#[test] fn $name() { super::$name("ebpf") })*
+        }
+        mod ebpf_warm_up {
+            $(#[test] fn $name() { super::$name("ebpf-warm-up") })*
+        }
+    };
+}
+
+/// The daemon flags for a mode named by [`each_data_path!`].
+pub fn mode_args(mode: &'static str) -> Vec<&'static str> {
+    match mode {
+        "ebpf" => vec!["--mode", "ebpf", "--ebpf-arm-after-ms", "0"],
+        "ebpf-warm-up" => vec!["--mode", "ebpf"],
+        other => vec!["--mode", other],
+    }
+}
+
+/// Whether a mode named by [`each_data_path!`] is ebpf mode.
+pub fn is_ebpf(mode: &str) -> bool {
+    mode.starts_with("ebpf")
+}
+
 use std::{
     fs::File,
     io::{BufRead as _, BufReader},

@@ -5,11 +5,14 @@
 //! until the verdict or the socket asks for it.
 //!
 //! A connection's life, file by file:
-//! 1. here: bytes already readable are forwarded by hand (so no skb is
-//!    left half-read: the verdict would send it whole again), both sockets
-//!    leave tokio's reactor for the [`watcher`], and are armed
-//!    (`Datapath::arm`) in REDIRECT mode, client first: a redirect that
-//!    meets a peer not yet armed is passed and signalled, never lost;
+//! 0. [`warmup`]: for `--ebpf-arm-after-ms` userspace forwards it by
+//!    copying; a connection that ends meanwhile is never armed. The
+//!    warm-up ends with nothing read and unwritten, and no skb half-read
+//!    (the verdict would send it whole again);
+//! 1. here: both sockets leave tokio's reactor for the [`watcher`], and
+//!    are armed (`Datapath::arm`) in REDIRECT mode, client first: a
+//!    redirect that meets a peer not yet armed is passed and signalled,
+//!    never lost;
 //! 2. [`pass`]: passed bytes are forwarded by userspace, and the direction
 //!    switches back to REDIRECT once it has caught up;
 //! 3. [`direction`]: while redirected, a signal from the verdict at half
@@ -26,12 +29,14 @@ mod books;
 mod direction;
 mod error;
 mod pass;
+mod warmup;
 mod watcher;
 
 use std::{
     io,
     os::fd::AsFd,
     sync::{Arc, Mutex, OnceLock},
+    time::Duration,
 };
 
 use socket2::SockRef;
@@ -41,6 +46,7 @@ use self::{
     books::{Books, Leg},
     direction::Direction,
     error::SockmapError,
+    warmup::WarmUp,
     watcher::Watcher,
 };
 use super::{
@@ -50,8 +56,16 @@ use super::{
 use crate::{bpf::Datapath, error::Side, sockopt};
 use mmproxy_common::sockmap::{Counter, SocketState};
 
-/// Read size for the bytes forwarded by hand before arming.
-const PREARM_READ_BYTES: usize = 64 * 1024;
+/// What ebpf mode is configured with.
+#[derive(Debug, Clone, Copy)]
+pub struct EbpfOptions {
+    /// Bytes a direction's redirect backlog may hold
+    /// (`--ebpf-max-backlog-kib`).
+    pub max_backlog: u64,
+    /// How long a connection is forwarded by copying before it is armed
+    /// (`--ebpf-arm-after-ms`).
+    pub arm_after: Duration,
+}
 
 /// The sockmap forwarder.
 #[derive(Debug)]
@@ -79,6 +93,8 @@ pub(super) struct Shared {
     /// Bytes a direction's redirect backlog may hold
     /// (`--ebpf-max-backlog-kib`).
     max_backlog: u64,
+    /// `--ebpf-arm-after-ms`.
+    arm_after: Duration,
 }
 
 /// Counters of the in-kernel data path, for logs and metrics.
@@ -86,25 +102,28 @@ pub(super) struct Shared {
 pub struct DatapathStats(Arc<Datapath>);
 
 impl DatapathStats {
-    /// Every BPF counter by name, then `pass_episodes`.
+    /// Every BPF counter by name, then `pass_episodes` and
+    /// `connections_armed`.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let mut counters: Vec<_> = Counter::ALL
             .iter()
             .map(|&c| (c.name(), self.0.counter(c)))
             .collect();
         counters.push(("pass_episodes", self.0.pass_episodes()));
+        counters.push(("connections_armed", self.0.connections_armed()));
         counters
     }
 }
 
 impl SockmapForwarder {
-    pub fn new(datapath: Arc<Datapath>, max_backlog: u64) -> Self {
+    pub fn new(datapath: Arc<Datapath>, options: EbpfOptions) -> Self {
         Self {
             shared: Arc::new(Shared {
                 datapath,
                 watcher: OnceLock::new(),
                 watcher_start: Mutex::new(()),
-                max_backlog,
+                max_backlog: options.max_backlog,
+                arm_after: options.arm_after,
             }),
             fallback: SpliceForwarder::new(),
             copy_fallback: SpliceForwarder::copying(),
@@ -148,6 +167,7 @@ impl SockmapForwarder {
             early_data,
             header_len,
         } = conn;
+        let warm_up_ends = tokio::time::Instant::now() + self.shared.arm_after;
         let fail = |side, source, moved| {
             mirror_failure(side, &client, &upstream);
             ForwardError {
@@ -170,28 +190,28 @@ impl SockmapForwarder {
         write_all(&upstream, &early_data)
             .await
             .map_err(|e| fail(Side::Upstream, e, Transferred::default()))?;
-        let mut buf = vec![0u8; PREARM_READ_BYTES];
-        let eofs = prearm_forward(
+        let warm_up = warmup::run(
             &client,
             &upstream,
             &mut client_io,
             &mut upstream_io,
-            &mut buf,
+            warm_up_ends,
         )
-        .await
-        .map_err(|(side, e)| fail(side, e, Transferred::default()))?;
-        drop(buf);
+        .await;
         let moved = Transferred {
             client_to_upstream: upstream_io.written,
             upstream_to_client: client_io.written,
         };
-        if eofs.0 || eofs.1 {
-            return self
-                .fallback_forward(&self.fallback, client, upstream, moved)
-                .await;
+        match warm_up.map_err(|(side, e)| fail(side, e, moved))? {
+            WarmUp::Eof => {
+                self.fallback_forward(&self.fallback, client, upstream, moved)
+                    .await
+            }
+            WarmUp::Arm => {
+                self.forward_armed(client, upstream, baselines, (client_io, upstream_io), moved)
+                    .await
+            }
         }
-        self.forward_armed(client, upstream, baselines, (client_io, upstream_io), moved)
-            .await
     }
 
     /// Takes both sockets out of tokio, arms them and runs both
@@ -251,8 +271,9 @@ impl SockmapForwarder {
                 .fallback_forward(&self.copy_fallback, c, u, moved)
                 .await;
         }
-        // Bytes that arrived between the pre-arm reads and the inserts sit
-        // on the receive queues with no verdict run over them yet.
+        self.shared.datapath.count_armed();
+        // Bytes that arrived between the warm-up's reads and the inserts
+        // sit on the receive queues with no verdict run over them yet.
         let _ = client.sync_with_verdict();
         let _ = upstream.sync_with_verdict();
 
@@ -394,54 +415,4 @@ fn into_leg(
 fn leave(leg: Leg, watcher: &Watcher) -> io::Result<TcpStream> {
     watcher.unregister(leg.stream.as_fd(), leg.cookie);
     TcpStream::from_std(leg.stream)
-}
-
-/// Reads whatever each socket holds right now and forwards it by hand, so
-/// that no skb is left half-read when the sockets are armed. Returns
-/// whether each side has already sent its FIN.
-async fn prearm_forward(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    client_io: &mut PreArm,
-    upstream_io: &mut PreArm,
-    buf: &mut [u8],
-) -> Result<(bool, bool), (Side, io::Error)> {
-    let client_eof = forward_readable(client, upstream, Side::Client, Side::Upstream, buf)
-        .await
-        .map(|(n, eof)| {
-            client_io.read += n;
-            upstream_io.written += n;
-            eof
-        })?;
-    let upstream_eof = forward_readable(upstream, client, Side::Upstream, Side::Client, buf)
-        .await
-        .map(|(n, eof)| {
-            upstream_io.read += n;
-            client_io.written += n;
-            eof
-        })?;
-    Ok((client_eof, upstream_eof))
-}
-
-/// Forwards what `src` holds now. Returns the bytes moved and whether
-/// `src` is at EOF.
-async fn forward_readable(
-    src: &TcpStream,
-    dst: &TcpStream,
-    src_side: Side,
-    dst_side: Side,
-    buf: &mut [u8],
-) -> Result<(u64, bool), (Side, io::Error)> {
-    let mut moved = 0u64;
-    loop {
-        match src.try_read(buf) {
-            Ok(0) => return Ok((moved, true)),
-            Ok(n) => {
-                write_all(dst, &buf[..n]).await.map_err(|e| (dst_side, e))?;
-                moved += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((moved, false)),
-            Err(e) => return Err((src_side, e)),
-        }
-    }
 }

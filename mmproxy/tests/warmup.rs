@@ -1,0 +1,96 @@
+//! ebpf mode's warm-up (`--ebpf-arm-after-ms`): a connection is copied in
+//! userspace first and armed only if it outlives the warm-up. The contract
+//! tests of tcp.rs and backlog.rs also run with it (`ebpf_warm_up::`);
+//! these check what it is for: short connections are never armed, a long
+//! one is armed in the middle of its transfer and still arrives whole, and
+//! 0 arms at once.
+
+#[macro_use]
+mod support;
+
+use std::net::SocketAddr;
+
+use support::{Backend, BackendKind, Daemon, Netns, echo_verified, netns_or_skip, sa};
+
+const PROXY: &str = "127.0.0.1:8443";
+const BACKEND: &str = "127.0.0.1:9000";
+const METRICS: &str = "127.0.0.1:9100";
+const ARMED: &str = "mmproxy_ebpf_connections_armed_total";
+
+fn start(ns: &Netns, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "-l",
+        PROXY,
+        "-4",
+        BACKEND,
+        "--mode",
+        "ebpf",
+        "-v",
+        "1",
+        "--metrics-addr",
+        METRICS,
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(ns, &args)
+}
+
+/// `count` connections one after the other, each echoing `bytes` (header,
+/// data, FIN, echo, FIN). Panics on a wrong echo; then waits until the
+/// daemon has closed them all, and returns the connections it armed.
+async fn echoes_then_armed(count: u16, bytes: u64) -> u64 {
+    let _backend = Backend::start(BACKEND, BackendKind::Echo).await;
+    for i in 0..count {
+        let client = SocketAddr::from(([192, 0, 2, 1], 40000 + i));
+        let outcome = echo_verified(sa(PROXY), client, bytes).await;
+        assert!(
+            outcome.is_complete(bytes),
+            "connection {i}: {outcome:?} for {bytes} bytes"
+        );
+    }
+    let body = support::wait_for_metrics(
+        sa(METRICS),
+        &[
+            ("mmproxy_tcp_connections_accepted_total", u64::from(count)),
+            ("mmproxy_tcp_connections_active", 0),
+        ],
+    )
+    .await;
+    support::metric(&body, ARMED)
+}
+
+/// The default warm-up (100 ms) outlasts a 4 KiB exchange on loopback:
+/// none of them touches the BPF maps.
+#[test]
+fn short_exchanges_are_not_armed() {
+    let Some(ns) = netns_or_skip("warmup_short") else {
+        return;
+    };
+    let _d = start(&ns, &[]);
+    let armed = ns.run(echoes_then_armed(20, 4096));
+    assert_eq!(armed, 0, "short connections armed");
+}
+
+/// The same exchanges with `--ebpf-arm-after-ms 0`: every one is armed,
+/// as before the warm-up existed.
+#[test]
+fn arm_after_zero_arms_every_connection() {
+    let Some(ns) = netns_or_skip("warmup_zero") else {
+        return;
+    };
+    let _d = start(&ns, &["--ebpf-arm-after-ms", "0"]);
+    let armed = ns.run(echoes_then_armed(20, 4096));
+    assert_eq!(armed, 20, "connections armed with no warm-up");
+}
+
+/// A 64 MiB full-duplex echo outlives a 20 ms warm-up by far: it is armed
+/// while both directions are busy, and every byte arrives once, in order
+/// (SHA-256 each way).
+#[test]
+fn long_full_duplex_echo_is_armed_mid_stream() {
+    let Some(ns) = netns_or_skip("warmup_long") else {
+        return;
+    };
+    let _d = start(&ns, &["--ebpf-arm-after-ms", "20"]);
+    let armed = ns.run(echoes_then_armed(2, 64 << 20));
+    assert_eq!(armed, 2, "long connections armed after the warm-up");
+}
