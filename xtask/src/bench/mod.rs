@@ -397,9 +397,22 @@ fn run_cell(
             // the port opens before the BPF programs load, and the loader's
             // start-up peak would otherwise be counted as the load's.
             let notify = ReadyNotice::new()?;
+            // ebpf mode serves metrics: the report says how many
+            // connections were armed (the warm-up keeps others out).
+            let metrics: &[&str] = if subject == Subject::Ebpf {
+                &["--metrics-addr", EBPF_METRICS]
+            } else {
+                &[]
+            };
             let mut proc = ns.spawn(
                 &bin.mmproxy,
-                &[&proxy_args[..], &["--mode", mode], workload.mmproxy_args()].concat(),
+                &[
+                    &proxy_args[..],
+                    &["--mode", mode],
+                    metrics,
+                    workload.mmproxy_args(),
+                ]
+                .concat(),
                 &[("NOTIFY_SOCKET", notify.path()?)],
             )?;
             proc.ready_notice = Some(notify);
@@ -454,12 +467,20 @@ fn run_cell(
     let out = output(ns.command(&bin.load).args(&args))?;
     let cpu_seconds = busy_cpu_seconds()? - before;
     let peak_rss_kib = proc.as_ref().and_then(SubjectProcess::peak_rss_kib);
-    let metrics = out
+    let mut metrics = out
         .lines()
         .filter_map(|l| l.split_once(' '))
         .map(|(k, v)| Ok((k.to_owned(), v.parse::<f64>()?)))
         .collect::<Result<BTreeMap<_, _>>>()
         .with_context(|| format!("unreadable load generator output:\n{out}"))?;
+    if subject == Subject::Ebpf {
+        match connections_armed(ns) {
+            Some(armed) => {
+                metrics.insert("connections_armed".to_owned(), armed);
+            }
+            None => eprintln!("bench: cannot read the ebpf subject's metrics (is curl installed?)"),
+        }
+    }
     ensure!(
         metrics.contains_key("bytes"),
         "no byte count in the load generator output:\n{out}"
@@ -469,6 +490,25 @@ fn run_cell(
         cpu_seconds,
         peak_rss_kib,
     })
+}
+
+/// Where the ebpf subject serves its metrics.
+const EBPF_METRICS: &str = "127.0.0.1:9100";
+
+/// Connections the ebpf subject has armed (`--ebpf-arm-after-ms` keeps
+/// short connections, and saturated ones that never catch up, in
+/// userspace), from its metrics; `None` when they cannot be read.
+fn connections_armed(ns: &Namespace) -> Option<f64> {
+    let out = ns
+        .command(Path::new("curl"))
+        .args(["-sf", &format!("http://{EBPF_METRICS}/metrics")])
+        .output()
+        .ok()?;
+    String::from_utf8(out.stdout)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("mmproxy_ebpf_connections_armed_total "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Busy time of all CPUs so far, from the first line of /proc/stat:
