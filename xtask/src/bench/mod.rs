@@ -385,61 +385,7 @@ fn run_cell(
         "-p",
         protocol,
     ];
-    let mut proc = match subject {
-        Subject::Direct => None,
-        Subject::Plain | Subject::Ebpf => {
-            let mode = if subject == Subject::Plain {
-                "plain"
-            } else {
-                "ebpf"
-            };
-            // Ready means READY=1 on NOTIFY_SOCKET, not a listening port:
-            // the port opens before the BPF programs load, and the loader's
-            // start-up peak would otherwise be counted as the load's.
-            let notify = ReadyNotice::new()?;
-            // ebpf mode serves metrics: the report says how many
-            // connections were armed (the warm-up keeps others out).
-            let metrics: &[&str] = if subject == Subject::Ebpf {
-                &["--metrics-addr", EBPF_METRICS]
-            } else {
-                &[]
-            };
-            let mut proc = ns.spawn(
-                &bin.mmproxy,
-                &[
-                    &proxy_args[..],
-                    &["--mode", mode],
-                    metrics,
-                    workload.mmproxy_args(),
-                ]
-                .concat(),
-                &[("NOTIFY_SOCKET", notify.path()?)],
-            )?;
-            proc.ready_notice = Some(notify);
-            Some(proc)
-        }
-        Subject::GoMmproxy => {
-            let go = bin.go_mmproxy.as_ref().context("go-mmproxy missing")?;
-            Some(ns.spawn(go, &proxy_args, &[])?)
-        }
-        Subject::MmproxyRs => {
-            // The same flags as go-mmproxy's for this job.
-            let rs = bin.mmproxy_rs.as_ref().context("mmproxy-rs missing")?;
-            Some(ns.spawn(rs, &proxy_args, &[])?)
-        }
-        Subject::Haproxy | Subject::HaproxyClientPort => {
-            let haproxy = bin.haproxy.as_ref().context("haproxy missing")?;
-            let config = workspace_root().join("bench/haproxy.cfg");
-            let config = config.to_str().context("non-UTF-8 path")?;
-            let usesrc = if subject == Subject::Haproxy {
-                "clientip"
-            } else {
-                "client"
-            };
-            // -db: stay in the foreground, so the process is the proxy.
-            Some(ns.spawn(haproxy, &["-db", "-f", config], &[("USESRC", usesrc)])?)
-        }
-    };
+    let mut proc = spawn_subject(ns, bin, subject, workload, &proxy_args)?;
     if let Some(p) = &mut proc {
         p.wait_ready(workload.is_udp(), ns)?;
     }
@@ -489,6 +435,75 @@ fn run_cell(
         metrics,
         cpu_seconds,
         peak_rss_kib,
+    })
+}
+
+/// Starts `subject` for `workload` in `ns` (`None` for direct: the load
+/// goes to the backend itself).
+fn spawn_subject(
+    ns: &Namespace,
+    bin: &Binaries,
+    subject: Subject,
+    workload: Workload,
+    proxy_args: &[&str],
+) -> Result<Option<SubjectProcess>> {
+    Ok(match subject {
+        Subject::Direct => None,
+        Subject::Plain | Subject::Ebpf => {
+            let mode = if subject == Subject::Plain {
+                "plain"
+            } else {
+                "ebpf"
+            };
+            // Ready means READY=1 on NOTIFY_SOCKET, not a listening port:
+            // the port opens before the BPF programs load, and the loader's
+            // start-up peak would otherwise be counted as the load's.
+            let notify = ReadyNotice::new()?;
+            // ebpf mode serves metrics: the report says how many
+            // connections were armed (the warm-up keeps others out).
+            let metrics: &[&str] = if subject == Subject::Ebpf {
+                &["--metrics-addr", EBPF_METRICS]
+            } else {
+                &[]
+            };
+            let mut proc = ns.spawn(
+                &bin.mmproxy,
+                &[
+                    proxy_args,
+                    &["--mode", mode],
+                    metrics,
+                    workload.mmproxy_args(),
+                ]
+                .concat(),
+                &[("NOTIFY_SOCKET", notify.path()?)],
+            )?;
+            proc.ready_notice = Some(notify);
+            Some(proc)
+        }
+        // mmproxy-rs takes go-mmproxy's flags for this job.
+        Subject::GoMmproxy | Subject::MmproxyRs => {
+            let peer = if subject == Subject::GoMmproxy {
+                &bin.go_mmproxy
+            } else {
+                &bin.mmproxy_rs
+            };
+            let peer = peer
+                .as_ref()
+                .with_context(|| format!("{} missing", subject.name()))?;
+            Some(ns.spawn(peer, proxy_args, &[])?)
+        }
+        Subject::Haproxy | Subject::HaproxyClientPort => {
+            let haproxy = bin.haproxy.as_ref().context("haproxy missing")?;
+            let config = workspace_root().join("bench/haproxy.cfg");
+            let config = config.to_str().context("non-UTF-8 path")?;
+            let usesrc = if subject == Subject::Haproxy {
+                "clientip"
+            } else {
+                "client"
+            };
+            // -db: stay in the foreground, so the process is the proxy.
+            Some(ns.spawn(haproxy, &["-db", "-f", config], &[("USESRC", usesrc)])?)
+        }
     })
 }
 
