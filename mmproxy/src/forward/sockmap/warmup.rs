@@ -28,7 +28,7 @@ use crate::error::Side;
 /// Read sizes for each direction: small first (most warm-ups carry a
 /// request and its answer), larger once a read fills the buffer.
 const FIRST_READ_BYTES: usize = 16 * 1024;
-const READ_BYTES: usize = 64 * 1024;
+const READ_BYTES: usize = 32 * 1024;
 /// Reads per direction before the other gets its turn.
 const READS_PER_TURN: usize = 4;
 
