@@ -41,21 +41,9 @@ fn start(ns: &Netns, mode: &str) -> Daemon {
 /// ebpf mode armed from the first byte (no warm-up): for the tests about
 /// arming itself.
 fn start_armed_at_once(ns: &Netns) -> Daemon {
-    Daemon::start(
-        ns,
-        &[
-            "-l",
-            PROXY,
-            "-4",
-            BACKEND,
-            "--mode",
-            "ebpf",
-            "-v",
-            "1",
-            "--ebpf-arm-after-ms",
-            "0",
-        ],
-    )
+    let mut args = vec!["-l", PROXY, "-4", BACKEND, "-v", "1"];
+    args.extend(support::mode_args("ebpf"));
+    Daemon::start(ns, &args)
 }
 
 fn env_runs(name: &str, default: u32) -> u32 {

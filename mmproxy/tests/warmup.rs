@@ -17,19 +17,10 @@ const BACKEND: &str = "127.0.0.1:9000";
 const METRICS: &str = "127.0.0.1:9100";
 const ARMED: &str = "mmproxy_ebpf_connections_armed_total";
 
+/// ebpf mode with the default warm-up, `extra` flags and metrics.
 fn start(ns: &Netns, extra: &[&str]) -> Daemon {
-    let mut args = vec![
-        "-l",
-        PROXY,
-        "-4",
-        BACKEND,
-        "--mode",
-        "ebpf",
-        "-v",
-        "1",
-        "--metrics-addr",
-        METRICS,
-    ];
+    let mut args = vec!["-l", PROXY, "-4", BACKEND, "--metrics-addr", METRICS];
+    args.extend(support::mode_args("ebpf-warm-up"));
     args.extend_from_slice(extra);
     Daemon::start(ns, &args)
 }
