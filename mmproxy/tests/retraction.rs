@@ -117,11 +117,10 @@ struct Outcome {
 /// reads: the backend's writes complete only if the daemon's upstream
 /// socket's acknowledgments are accepted.
 fn squeeze(ns: &Netns, mode: &'static str, extra: &[&str]) -> Outcome {
-    let mut args = vec!["-l", PROXY, "-4", BACKEND, "--mode", mode];
-    if mode == "ebpf" {
-        // The squeeze must meet the kernel path, armed from the first byte.
-        args.extend(["--ebpf-arm-after-ms", "0"]);
-    }
+    // In ebpf mode the squeeze must meet the kernel path: `mode_args`
+    // arms from the first byte.
+    let mut args = vec!["-l", PROXY, "-4", BACKEND];
+    args.extend(support::mode_args(mode));
     args.extend_from_slice(extra);
     let _daemon = Daemon::start(ns, &args);
     ns.run(async move {

@@ -25,6 +25,15 @@ fn start(ns: &Netns, extra: &[&str]) -> Daemon {
     Daemon::start(ns, &args)
 }
 
+/// A daemon started with `extra` flags in a namespace of its own carries
+/// `count` echoes of `bytes` each (see [`echoes_then_armed`]); returns the
+/// connections it armed, or `None` when the test is skipped.
+fn armed_connections(test: &str, extra: &[&str], count: u16, bytes: u64) -> Option<u64> {
+    let ns = netns_or_skip(test)?;
+    let _d = start(&ns, extra);
+    Some(ns.run(echoes_then_armed(count, bytes)))
+}
+
 /// `count` connections one after the other, each echoing `bytes` (header,
 /// data, FIN, echo, FIN). Panics on a wrong echo; then waits until the
 /// daemon has closed them all, and returns the connections it armed.
@@ -53,11 +62,9 @@ async fn echoes_then_armed(count: u16, bytes: u64) -> u64 {
 /// none of them touches the BPF maps.
 #[test]
 fn short_exchanges_are_not_armed() {
-    let Some(ns) = netns_or_skip("warmup_short") else {
+    let Some(armed) = armed_connections("warmup_short", &[], 20, 4096) else {
         return;
     };
-    let _d = start(&ns, &[]);
-    let armed = ns.run(echoes_then_armed(20, 4096));
     assert_eq!(armed, 0, "short connections armed");
 }
 
@@ -65,11 +72,10 @@ fn short_exchanges_are_not_armed() {
 /// as before the warm-up existed.
 #[test]
 fn arm_after_zero_arms_every_connection() {
-    let Some(ns) = netns_or_skip("warmup_zero") else {
+    let Some(armed) = armed_connections("warmup_zero", &["--ebpf-arm-after-ms", "0"], 20, 4096)
+    else {
         return;
     };
-    let _d = start(&ns, &["--ebpf-arm-after-ms", "0"]);
-    let armed = ns.run(echoes_then_armed(20, 4096));
     assert_eq!(armed, 20, "connections armed with no warm-up");
 }
 
@@ -78,10 +84,9 @@ fn arm_after_zero_arms_every_connection() {
 /// (SHA-256 each way).
 #[test]
 fn long_full_duplex_echo_is_armed_mid_stream() {
-    let Some(ns) = netns_or_skip("warmup_long") else {
+    let extra = ["--ebpf-arm-after-ms", "20"];
+    let Some(armed) = armed_connections("warmup_long", &extra, 2, 64 << 20) else {
         return;
     };
-    let _d = start(&ns, &["--ebpf-arm-after-ms", "20"]);
-    let armed = ns.run(echoes_then_armed(2, 64 << 20));
     assert_eq!(armed, 2, "long connections armed after the warm-up");
 }
