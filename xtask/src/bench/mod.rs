@@ -11,6 +11,7 @@
 //! across runs.
 
 mod report;
+mod targets;
 
 use std::{
     collections::BTreeMap,

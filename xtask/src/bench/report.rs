@@ -42,19 +42,33 @@ fn metric(name: &str) -> impl Fn(&Sample) -> f64 + '_ {
     move |s| s.metrics.get(name).copied().unwrap_or(f64::NAN)
 }
 
-fn median_of(results: &Results, w: Workload, s: Subject, name: &str) -> Option<f64> {
+pub(super) fn median_of(results: &Results, w: Workload, s: Subject, name: &str) -> Option<f64> {
     let m = spread(results.get(&(w, s))?, metric(name)).median;
     (!m.is_nan()).then_some(m)
 }
 
-fn cpu_median(results: &Results, w: Workload, s: Subject) -> Option<f64> {
+pub(super) fn cpu_median(results: &Results, w: Workload, s: Subject) -> Option<f64> {
     let m = spread(results.get(&(w, s))?, Sample::cpu_per_gb).median;
+    (!m.is_nan()).then_some(m)
+}
+
+fn peak_rss_mib(sample: &Sample) -> f64 {
+    sample.peak_rss_kib.map_or(f64::NAN, |k| {
+        #[allow(clippy::cast_precision_loss)] // KiB counts are small
+        let mib = k as f64 / 1024.0;
+        mib
+    })
+}
+
+/// Median peak RSS of a cell, MiB.
+pub(super) fn rss_median(results: &Results, w: Workload, s: Subject) -> Option<f64> {
+    let m = spread(results.get(&(w, s))?, peak_rss_mib).median;
     (!m.is_nan()).then_some(m)
 }
 
 /// The peer with the highest median of this workload's headline metric
 /// (every headline is higher-is-better).
-fn best_peer(results: &Results, w: Workload) -> Option<(Subject, f64)> {
+pub(super) fn best_peer(results: &Results, w: Workload) -> Option<(Subject, f64)> {
     let key = w.headline().0;
     results
         .keys()
@@ -84,7 +98,7 @@ fn fmt_spread(s: Spread) -> String {
     )
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+pub(super) fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
@@ -108,7 +122,7 @@ pub(crate) fn write(
     for w in Workload::all() {
         table(&mut md, results, subjects, w)?;
     }
-    targets(&mut md, results)?;
+    super::targets::write(&mut md, results)?;
     std::fs::write(out, md).with_context(|| format!("cannot write {}", out.display()))?;
     draw_chart(&chart, results, subjects)
 }
@@ -151,7 +165,10 @@ fn header(md: &mut String, command: &str, chart: &Path) -> Result<()> {
         .file_name()
         .and_then(|f| f.to_str())
         .unwrap_or("benchmarks.svg");
-    writeln!(md, "![headline metric relative to direct]({file})\n")?;
+    writeln!(
+        md,
+        "![headline metric relative to direct; request/response latency percentiles]({file})\n"
+    )?;
     Ok(())
 }
 
@@ -175,13 +192,7 @@ fn table(md: &mut String, results: &Results, subjects: &[Subject], w: Workload) 
             .filter(|k| !matches!(k.as_str(), "bytes" | "seconds") && *k != key)
             .map(|k| format!("{k} {}", fmt_num(spread(samples, metric(k)).median)))
             .collect();
-        let rss = spread(samples, |x| {
-            x.peak_rss_kib.map_or(f64::NAN, |k| {
-                #[allow(clippy::cast_precision_loss)] // KiB counts are small
-                let mib = k as f64 / 1024.0;
-                mib
-            })
-        });
+        let rss = spread(samples, peak_rss_mib);
         writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -210,160 +221,6 @@ fn table(md: &mut String, results: &Results, subjects: &[Subject], w: Workload) 
     Ok(())
 }
 
-/// The issue's targets, each judged on this run's medians.
-/// Issue #21's targets: the ephemeral-port path, and `HAProxy` as the peer.
-fn peer_targets(r: &Results) -> Vec<(&'static str, Option<f64>, bool)> {
-    use Subject::{Haproxy, HaproxyClientPort, Plain};
-    use Workload::{ConnectionsEphemeralPort, ConnectionsPerSecond, Flood, RequestResponse};
-    let flood = |s| median_of(r, Flood, s, "down_mbit_s");
-    let cps = |s| median_of(r, ConnectionsPerSecond, s, "connections_s");
-    let ephemeral_cps = |s| median_of(r, ConnectionsEphemeralPort, s, "connections_s");
-    let rr = |s| median_of(r, RequestResponse, s, "requests_s");
-    vec![
-        (
-            "connections/s: --source-port ephemeral >= 1.0x the default (plain)",
-            ratio(ephemeral_cps(Plain), cps(Plain)),
-            true,
-        ),
-        (
-            "request/response: plain >= 1.0x HAProxy usesrc",
-            ratio(rr(Plain), rr(Haproxy)),
-            true,
-        ),
-        (
-            "connections/s, ephemeral port: plain >= 1.0x HAProxy usesrc clientip",
-            ratio(ephemeral_cps(Plain), ephemeral_cps(Haproxy)),
-            true,
-        ),
-        (
-            "flood: plain >= 1.0x HAProxy usesrc",
-            ratio(flood(Plain), flood(Haproxy)),
-            true,
-        ),
-        (
-            "request/response: plain >= 1.0x HAProxy usesrc client",
-            ratio(rr(Plain), rr(HaproxyClientPort)),
-            true,
-        ),
-        (
-            "connections/s, client port kept: plain >= 1.0x HAProxy usesrc client",
-            ratio(cps(Plain), cps(HaproxyClientPort)),
-            true,
-        ),
-    ]
-}
-
-/// Issue #18: in every row plain mode (TCP) or mmproxy (UDP) at least
-/// 1.2x the best of the other implementations.
-fn best_peer_targets(r: &Results) -> Vec<(String, Option<f64>, bool)> {
-    Workload::all()
-        .into_iter()
-        .filter_map(|w| {
-            let (peer, median) = best_peer(r, w)?;
-            let plain = median_of(r, w, Subject::Plain, w.headline().0);
-            Some((
-                format!(
-                    "{}: plain >= 1.2x the best peer ({})",
-                    w.name(),
-                    peer.name()
-                ),
-                ratio(plain, Some(median)),
-                true,
-            ))
-        })
-        .collect()
-}
-
-fn targets(md: &mut String, r: &Results) -> Result<()> {
-    use Subject::{Direct, Ebpf, GoMmproxy, Plain};
-    use Workload::{Bulk, ConnectionsPerSecond, Flood, RequestResponse, Udp64, Udp1400};
-    let flood = |s| median_of(r, Flood, s, "down_mbit_s");
-    let p99 = |s| median_of(r, RequestResponse, s, "p99_us");
-    let cps = |s| median_of(r, ConnectionsPerSecond, s, "connections_s");
-    let udp = |w, s| median_of(r, w, s, "round_trips_s");
-    let rows: Vec<(&str, Option<f64>, bool)> = vec![
-        (
-            "flood: ebpf >= 0.8x direct",
-            ratio(flood(Ebpf), flood(Direct)),
-            true,
-        ),
-        (
-            "flood: ebpf >= 1.3x plain",
-            ratio(flood(Ebpf), flood(Plain)),
-            true,
-        ),
-        (
-            "flood: plain >= 0.6x direct",
-            ratio(flood(Plain), flood(Direct)),
-            true,
-        ),
-        (
-            "request/response p99: plain <= 1.5x direct",
-            ratio(p99(Plain), p99(Direct)),
-            false,
-        ),
-        (
-            "request/response p99: ebpf <= 1.5x direct",
-            ratio(p99(Ebpf), p99(Direct)),
-            false,
-        ),
-        (
-            "connections/s: plain >= 1.2x go-mmproxy",
-            ratio(cps(Plain), cps(GoMmproxy)),
-            true,
-        ),
-        (
-            "connections/s: ebpf >= 1.2x go-mmproxy",
-            ratio(cps(Ebpf), cps(GoMmproxy)),
-            true,
-        ),
-        (
-            "CPU s/GB flood: ebpf <= 0.7x plain",
-            ratio(cpu_median(r, Flood, Ebpf), cpu_median(r, Flood, Plain)),
-            false,
-        ),
-        (
-            "CPU s/GB bulk: ebpf <= 0.7x plain",
-            ratio(cpu_median(r, Bulk, Ebpf), cpu_median(r, Bulk, Plain)),
-            false,
-        ),
-        (
-            "UDP 64 B: mmproxy >= 1.5x go-mmproxy",
-            ratio(udp(Udp64, Plain), udp(Udp64, GoMmproxy)),
-            true,
-        ),
-        (
-            "UDP 1400 B: mmproxy >= 1.5x go-mmproxy",
-            ratio(udp(Udp1400, Plain), udp(Udp1400, GoMmproxy)),
-            true,
-        ),
-    ];
-    let rows: Vec<(String, Option<f64>, bool)> = rows
-        .into_iter()
-        .chain(peer_targets(r))
-        .map(|(name, m, at_least)| (name.to_owned(), m, at_least))
-        .chain(best_peer_targets(r))
-        .collect();
-    writeln!(md, "## Targets (issues #7, #18, #21), judged on this run\n")?;
-    writeln!(md, "| target | measured | |")?;
-    writeln!(md, "|---|---|---|")?;
-    for (name, measured, at_least) in rows {
-        let bound: f64 = name
-            .rsplit_once("= ")
-            .and_then(|(_, b)| b.split('x').next())
-            .and_then(|b| b.parse().ok())
-            .unwrap_or(f64::NAN);
-        let verdict = match measured {
-            None => "not measured",
-            Some(m) if (at_least && m >= bound) || (!at_least && m <= bound) => "met",
-            Some(_) => "**missed**",
-        };
-        writeln!(md, "| {name} | {} | {verdict} |", fmt_ratio(measured))?;
-    }
-    writeln!(md)?;
-    Ok(())
-}
-
 fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()> {
     let colors = [
         RGBColor(120, 120, 120),
@@ -377,8 +234,10 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
     let workloads = Workload::all();
     let groups = workloads.len();
     let per_group = subjects.len();
-    let root = SVGBackend::new(path, (1000, 480)).into_drawing_area();
+    let root = SVGBackend::new(path, (1000, 800)).into_drawing_area();
     root.fill(&WHITE).context("chart")?;
+    let (root, lower) = root.split_vertically(480);
+    draw_latency(&lower, results, subjects)?;
     #[allow(clippy::cast_precision_loss)] // a handful of groups
     let x_max = groups as f64;
     let mut chart = ChartBuilder::on(&root)
@@ -443,6 +302,82 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
         .draw()
         .context("chart")?;
     root.present().context("chart")?;
+    Ok(())
+}
+
+/// Request/response latency percentiles per subject (log scale): the
+/// tail is where the subjects differ most.
+fn draw_latency<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    results: &Results,
+    subjects: &[Subject],
+) -> Result<()> {
+    const PERCENTILES: [(&str, &str, RGBColor); 3] = [
+        ("p50_us", "p50", RGBColor(158, 202, 225)),
+        ("p99_us", "p99", RGBColor(49, 130, 189)),
+        ("p999_us", "p99.9", RGBColor(8, 48, 107)),
+    ];
+    let shown: Vec<Subject> = subjects
+        .iter()
+        .copied()
+        .filter(|&s| results.contains_key(&(Workload::RequestResponse, s)))
+        .collect();
+    #[allow(clippy::cast_precision_loss)] // a handful of subjects
+    let x_max = shown.len() as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            "Request/response latency, µs (median of repeats, log scale)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..x_max.max(1.0), (10f64..20_000f64).log_scale())
+        .map_err(|e| anyhow::anyhow!("chart: {e}"))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(shown.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor();
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let idx = i as usize;
+            if (x - i - 0.5).abs() < 1e-6 && idx < shown.len() {
+                shown[idx].name().to_owned()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("µs")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("chart: {e}"))?;
+    for (pi, &(key, label, color)) in PERCENTILES.iter().enumerate() {
+        let bars: Vec<Rectangle<(f64, f64)>> = shown
+            .iter()
+            .enumerate()
+            .filter_map(|(si, &s)| {
+                let us = median_of(results, Workload::RequestResponse, s, key)?;
+                #[allow(clippy::cast_precision_loss)]
+                let x0 = si as f64 + 0.15 + 0.7 * pi as f64 / 3.0;
+                Some(Rectangle::new(
+                    [(x0, 10.0), (x0 + 0.7 / 3.0, us.clamp(10.0, 20_000.0))],
+                    color.filled(),
+                ))
+            })
+            .collect();
+        chart
+            .draw_series(bars)
+            .map_err(|e| anyhow::anyhow!("chart: {e}"))?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("chart: {e}"))?;
     Ok(())
 }
 

@@ -1,0 +1,336 @@
+//! The open issues' targets, each judged on one run's medians: #14 (the
+//! ebpf data path against plain mode), #18 (plain mode and UDP against
+//! direct and the peers), #21 (the tail, the ephemeral-port path, `HAProxy`).
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+
+use super::{
+    Results, Subject, Workload,
+    report::{best_peer, cpu_median, median_of, ratio, rss_median},
+};
+
+/// Which side of the bound passes.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+/// What a measurement is: a ratio of two medians, or milliseconds.
+#[derive(Debug, Clone, Copy)]
+enum Unit {
+    Ratio,
+    Millis,
+}
+
+/// One target and what this run measured for it.
+struct Target {
+    issue: u8,
+    what: String,
+    measured: Option<f64>,
+    bound: Bound,
+    unit: Unit,
+}
+
+impl Target {
+    fn ratio(issue: u8, what: impl Into<String>, measured: Option<f64>, bound: Bound) -> Self {
+        Self {
+            issue,
+            what: what.into(),
+            measured,
+            bound,
+            unit: Unit::Ratio,
+        }
+    }
+
+    fn verdict(&self) -> &'static str {
+        match (self.measured, self.bound) {
+            (None, _) => "not measured",
+            (Some(m), Bound::AtLeast(b)) if m >= b => "met",
+            (Some(m), Bound::AtMost(b)) if m <= b => "met",
+            (Some(_), _) => "**missed**",
+        }
+    }
+
+    fn show(&self, x: f64) -> String {
+        match self.unit {
+            Unit::Ratio => format!("{x:.2}x"),
+            Unit::Millis => format!("{x:.2} ms"),
+        }
+    }
+
+    fn bound_text(&self) -> String {
+        match self.bound {
+            Bound::AtLeast(b) => format!(">= {}", self.show(b)),
+            Bound::AtMost(b) => format!("<= {}", self.show(b)),
+        }
+    }
+}
+
+/// Writes the targets table.
+pub(super) fn write(md: &mut String, r: &Results) -> Result<()> {
+    let all: Vec<Target> = ebpf_targets(r)
+        .into_iter()
+        .chain(plain_targets(r))
+        .chain(best_peer_targets(r))
+        .chain(outside_targets(r))
+        .collect();
+    writeln!(md, "## Targets of the open issues, judged on this run\n")?;
+    writeln!(md, "| issue | target | bound | measured | |")?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for t in &all {
+        let measured = t.measured.map_or_else(|| "-".to_owned(), |m| t.show(m));
+        writeln!(
+            md,
+            "| #{} | {} | {} | {} | {} |",
+            t.issue,
+            t.what,
+            t.bound_text(),
+            measured,
+            t.verdict()
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+/// Issue #14: the kernel path no dearer than plain mode.
+fn ebpf_targets(r: &Results) -> Vec<Target> {
+    use Subject::{Ebpf, Plain};
+    use Workload::{Bulk, Flood};
+    let flood = |s| median_of(r, Flood, s, "down_mbit_s");
+    vec![
+        Target::ratio(
+            14,
+            "flood throughput, ebpf / plain",
+            ratio(flood(Ebpf), flood(Plain)),
+            Bound::AtLeast(1.0),
+        ),
+        Target::ratio(
+            14,
+            "flood CPU s/GB, ebpf / plain",
+            ratio(cpu_median(r, Flood, Ebpf), cpu_median(r, Flood, Plain)),
+            Bound::AtMost(1.0),
+        ),
+        Target::ratio(
+            14,
+            "bulk CPU s/GB, ebpf / plain",
+            ratio(cpu_median(r, Bulk, Ebpf), cpu_median(r, Bulk, Plain)),
+            Bound::AtMost(1.0),
+        ),
+        Target::ratio(
+            14,
+            "flood peak RSS, ebpf / plain",
+            ratio(rss_median(r, Flood, Ebpf), rss_median(r, Flood, Plain)),
+            Bound::AtMost(2.0),
+        ),
+    ]
+}
+
+/// Issue #18: plain mode (TCP) and mmproxy (UDP) against direct and
+/// go-mmproxy.
+fn plain_targets(r: &Results) -> Vec<Target> {
+    use Subject::{Direct, GoMmproxy, Plain};
+    use Workload::{ConnectionsPerSecond, RequestResponse, Udp64, Udp1400};
+    let rr = |s, key| median_of(r, RequestResponse, s, key);
+    let cps = |s| median_of(r, ConnectionsPerSecond, s, "connections_s");
+    let mut targets = vec![
+        Target::ratio(
+            18,
+            "request/response requests/s, plain / direct",
+            ratio(rr(Plain, "requests_s"), rr(Direct, "requests_s")),
+            Bound::AtLeast(0.65),
+        ),
+        Target::ratio(
+            18,
+            "request/response p99, plain / direct",
+            ratio(rr(Plain, "p99_us"), rr(Direct, "p99_us")),
+            Bound::AtMost(2.0),
+        ),
+        Target::ratio(
+            18,
+            "connections/s, plain / direct",
+            ratio(cps(Plain), cps(Direct)),
+            Bound::AtLeast(0.7),
+        ),
+        Target::ratio(
+            18,
+            "connections/s, plain / go-mmproxy",
+            ratio(cps(Plain), cps(GoMmproxy)),
+            Bound::AtLeast(1.3),
+        ),
+    ];
+    for w in [Udp64, Udp1400] {
+        let udp = |s| median_of(r, w, s, "round_trips_s");
+        targets.push(Target::ratio(
+            18,
+            format!("{}, mmproxy / direct", w.name()),
+            ratio(udp(Plain), udp(Direct)),
+            Bound::AtLeast(0.6),
+        ));
+        targets.push(Target::ratio(
+            18,
+            format!("{}, mmproxy / go-mmproxy", w.name()),
+            ratio(udp(Plain), udp(GoMmproxy)),
+            Bound::AtLeast(1.5),
+        ));
+    }
+    targets
+}
+
+/// Issue #18: in every row plain mode (TCP) or mmproxy (UDP) at least
+/// 1.2x the best of the other implementations.
+fn best_peer_targets(r: &Results) -> Vec<Target> {
+    Workload::all()
+        .into_iter()
+        .filter_map(|w| {
+            let (peer, median) = best_peer(r, w)?;
+            let plain = median_of(r, w, Subject::Plain, w.headline().0);
+            Some(Target::ratio(
+                18,
+                format!("{}, plain / the best peer ({})", w.name(), peer.name()),
+                ratio(plain, Some(median)),
+                Bound::AtLeast(1.2),
+            ))
+        })
+        .collect()
+}
+
+/// Issue #21: the request/response tail, the ephemeral-port path, and
+/// `HAProxy` as the peer to beat.
+fn outside_targets(r: &Results) -> Vec<Target> {
+    use Subject::{Haproxy, HaproxyClientPort, Plain};
+    use Workload::{ConnectionsEphemeralPort, ConnectionsPerSecond, Flood, RequestResponse};
+    let p999_ms = |s| median_of(r, RequestResponse, s, "p999_us").map(|us| us / 1000.0);
+    let lowest_peer_p999 = r
+        .keys()
+        .filter(|(w, s)| *w == RequestResponse && s.is_peer())
+        .filter_map(|&(_, s)| p999_ms(s))
+        .min_by(f64::total_cmp);
+    let flood = |s| median_of(r, Flood, s, "down_mbit_s");
+    let rr = |s| median_of(r, RequestResponse, s, "requests_s");
+    let cps = |s| median_of(r, ConnectionsPerSecond, s, "connections_s");
+    let ephemeral = |s| median_of(r, ConnectionsEphemeralPort, s, "connections_s");
+    vec![
+        Target {
+            issue: 21,
+            what: "request/response p999, plain".to_owned(),
+            measured: p999_ms(Plain),
+            bound: Bound::AtMost(1.0),
+            unit: Unit::Millis,
+        },
+        Target::ratio(
+            21,
+            "request/response p999, plain / the lowest peer's",
+            ratio(p999_ms(Plain), lowest_peer_p999),
+            Bound::AtMost(1.0),
+        ),
+        Target::ratio(
+            21,
+            "connections/s, --source-port ephemeral / the default (plain)",
+            ratio(ephemeral(Plain), cps(Plain)),
+            Bound::AtLeast(1.0),
+        ),
+        Target::ratio(
+            21,
+            "flood, plain / HAProxy usesrc clientip",
+            ratio(flood(Plain), flood(Haproxy)),
+            Bound::AtLeast(1.0),
+        ),
+        Target::ratio(
+            21,
+            "request/response, plain / HAProxy usesrc clientip",
+            ratio(rr(Plain), rr(Haproxy)),
+            Bound::AtLeast(1.0),
+        ),
+        Target::ratio(
+            21,
+            "request/response, plain / HAProxy usesrc client",
+            ratio(rr(Plain), rr(HaproxyClientPort)),
+            Bound::AtLeast(1.0),
+        ),
+        Target::ratio(
+            21,
+            "connections/s, ephemeral port, plain / HAProxy usesrc clientip",
+            ratio(ephemeral(Plain), ephemeral(Haproxy)),
+            Bound::AtLeast(1.0),
+        ),
+        Target::ratio(
+            21,
+            "connections/s, client port kept, plain / HAProxy usesrc client",
+            ratio(cps(Plain), cps(HaproxyClientPort)),
+            Bound::AtLeast(1.0),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::bench::Sample;
+
+    fn cell(r: &mut Results, w: Workload, s: Subject, metrics: &[(&str, f64)]) {
+        let sample = Sample {
+            metrics: metrics
+                .iter()
+                .map(|&(k, v)| (k.to_owned(), v))
+                .collect::<BTreeMap<_, _>>(),
+            cpu_seconds: 1.0,
+            peak_rss_kib: None,
+        };
+        r.insert((w, s), vec![sample]);
+    }
+
+    fn find<'a>(all: &'a [Target], what: &str) -> &'a Target {
+        all.iter().find(|t| t.what == what).expect(what)
+    }
+
+    #[test]
+    fn bounds_judge_both_ways_and_missing_cells() {
+        let mut r = Results::new();
+        cell(
+            &mut r,
+            Workload::RequestResponse,
+            Subject::Direct,
+            &[("requests_s", 100.0), ("p99_us", 100.0)],
+        );
+        cell(
+            &mut r,
+            Workload::RequestResponse,
+            Subject::Plain,
+            &[("requests_s", 65.0), ("p99_us", 201.0), ("p999_us", 900.0)],
+        );
+        cell(
+            &mut r,
+            Workload::RequestResponse,
+            Subject::Haproxy,
+            &[("requests_s", 70.0), ("p999_us", 800.0)],
+        );
+        let plain = plain_targets(&r);
+        assert_eq!(
+            find(&plain, "request/response requests/s, plain / direct").verdict(),
+            "met"
+        );
+        assert_eq!(
+            find(&plain, "request/response p99, plain / direct").verdict(),
+            "**missed**"
+        );
+        assert_eq!(
+            find(&plain, "connections/s, plain / direct").verdict(),
+            "not measured"
+        );
+        let outside = outside_targets(&r);
+        let p999 = find(&outside, "request/response p999, plain");
+        assert_eq!(
+            (p999.verdict(), p999.show(0.9)),
+            ("met", "0.90 ms".to_owned())
+        );
+        let lowest = find(&outside, "request/response p999, plain / the lowest peer's");
+        assert_eq!(lowest.verdict(), "**missed**");
+        assert!((lowest.measured.unwrap() - 900.0 / 800.0).abs() < 1e-9);
+    }
+}
