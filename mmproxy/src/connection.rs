@@ -218,7 +218,8 @@ impl TcpProxy {
         };
         reset_on_panic.add(upstream.stream.as_raw_fd());
         if upstream.fell_back {
-            debug!(%peer, ?source, local = %upstream.local, "client port in use upstream; used an ephemeral port");
+            let local = upstream.stream.local_addr().ok();
+            debug!(%peer, ?source, ?local, "client port in use upstream; used an ephemeral port");
         }
         let early_data = buf.split_off(consumed).freeze();
         let conn = Connection {
