@@ -173,6 +173,9 @@ fn header(md: &mut String, command: &str, chart: &Path) -> Result<()> {
 }
 
 fn table(md: &mut String, results: &Results, subjects: &[Subject], w: Workload) -> Result<()> {
+    if !subjects.iter().any(|&s| results.contains_key(&(w, s))) {
+        return Ok(()); // not in this (partial) run
+    }
     let (key, unit) = w.headline();
     writeln!(md, "## {}\n", w.name())?;
     writeln!(
@@ -348,6 +351,7 @@ fn draw_latency<DB: DrawingBackend>(
                 String::new()
             }
         })
+        .y_label_formatter(&|us| format!("{us:.0}"))
         .y_desc("µs")
         .draw()
         .map_err(|e| anyhow::anyhow!("chart: {e}"))?;
