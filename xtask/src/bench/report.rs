@@ -123,6 +123,7 @@ pub(crate) fn write(
         table(&mut md, results, subjects, w)?;
     }
     super::targets::write(&mut md, results)?;
+    md.push_str(include_str!("why_not.md"));
     std::fs::write(out, md).with_context(|| format!("cannot write {}", out.display()))?;
     draw_chart(&chart, results, subjects)
 }
