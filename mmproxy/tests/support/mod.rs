@@ -14,6 +14,18 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+/// Declares `mod $module` with one test per name, each calling
+/// `super::$name($mode)`: the building block of [`both_modes!`] and
+/// [`each_data_path!`].
+#[allow(unused_macros, reason = "used through the two macros below")]
+macro_rules! tests_in_mode {
+    ($module:ident => $mode:literal: $($name:ident),*) => {
+        mod $module {
+            $(#[test] fn $name() { super::$name($mode) })*
+        }
+    };
+}
+
 /// Declares each test function `$name(mode)` once per data path, as
 /// `plain::$name` and `ebpf::$name`, so both are held to one contract.
 #[allow(
@@ -22,12 +34,8 @@
 )]
 macro_rules! both_modes {
     ($($name:ident),* $(,)?) => {
-        mod plain {
-            $(#[test] fn $name() { super::$name("plain") })*
-        }
-        mod ebpf {
-            $(#[test] fn $name() { super::$name("ebpf") })*
-        }
+        tests_in_mode!(plain => "plain": $($name),*);
+        tests_in_mode!(ebpf => "ebpf": $($name),*);
     };
 }
 
@@ -40,15 +48,9 @@ macro_rules! both_modes {
 #[allow(unused_macros, reason = "only the suites about the data path use it")]
 macro_rules! each_data_path {
     ($($name:ident),* $(,)?) => {
-        mod plain {
-            $(#[test] fn $name() { super::$name("plain") })*
-        }
-        mod ebpf {
-            $(#[test] fn $name() { super::$name("ebpf") })*
-        }
-        mod ebpf_warm_up {
-            $(#[test] fn $name() { super::$name("ebpf-warm-up") })*
-        }
+        tests_in_mode!(plain => "plain": $($name),*);
+        tests_in_mode!(ebpf => "ebpf": $($name),*);
+        tests_in_mode!(ebpf_warm_up => "ebpf-warm-up": $($name),*);
     };
 }
 
