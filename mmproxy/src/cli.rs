@@ -148,9 +148,10 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
     pub ebpf_max_backlog_kib: u64,
 
-    /// ebpf mode: milliseconds a connection is forwarded by copying before
-    /// it is armed (put into the kernel's data path). A connection that
-    /// ends sooner never costs the kernel path's set-up; 0 arms at once.
+    /// ebpf mode: milliseconds a connection is forwarded in userspace (as
+    /// in plain mode) before it is armed (put into the kernel's data path).
+    /// A connection that ends sooner never costs the kernel path's set-up;
+    /// 0 arms at once.
     #[arg(long = "ebpf-arm-after-ms", value_name = "MS", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub ebpf_arm_after_ms: u64,

@@ -44,7 +44,7 @@ pub struct Config {
     /// ebpf mode: bytes per direction in the kernel's redirect backlog
     /// before the direction goes back to userspace.
     pub ebpf_max_backlog: u64,
-    /// ebpf mode: how long a connection is copied in userspace before it
+    /// ebpf mode: how long a connection is forwarded in userspace before it
     /// is armed.
     pub ebpf_arm_after: Duration,
     pub header_timeout: Duration,

@@ -89,6 +89,18 @@ impl SpliceForwarder {
         }
     }
 
+    /// A pipe from the pool, for a caller that splices on its own (ebpf
+    /// mode's warm-up).
+    pub(super) fn take_pipe(&self) -> io::Result<Pipe> {
+        self.pool.take()
+    }
+
+    /// Returns an empty pipe to the pool; a pipe holding bytes must be
+    /// dropped instead.
+    pub(super) fn give_back_pipe(&self, pipe: Pipe) {
+        self.pool.give_back(pipe);
+    }
+
     /// Moves `src` to `dst` until EOF, then half-closes `dst`.
     async fn direction(
         &self,
@@ -186,10 +198,10 @@ async fn copy_until_eof(
 
 /// A pipe: what `splice(2)` needs between two sockets.
 #[derive(Debug)]
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-    capacity: usize,
+pub(super) struct Pipe {
+    pub(super) read: OwnedFd,
+    pub(super) write: OwnedFd,
+    pub(super) capacity: usize,
 }
 
 impl Pipe {

@@ -5,8 +5,9 @@
 //! until the verdict or the socket asks for it.
 //!
 //! A connection's life, file by file:
-//! 0. [`warmup`]: for `--ebpf-arm-after-ms` userspace forwards it by
-//!    copying; a connection that ends meanwhile is never armed. The
+//! 0. [`warmup`]: for `--ebpf-arm-after-ms` userspace forwards it with
+//!    `splice()`, as plain mode does; a connection that ends meanwhile is
+//!    never armed. The
 //!    warm-up ends with nothing read and unwritten, and no skb half-read
 //!    (the verdict would send it whole again);
 //! 1. here: both sockets leave tokio's reactor for the [`watcher`], and
@@ -62,7 +63,7 @@ pub struct EbpfOptions {
     /// Bytes a direction's redirect backlog may hold
     /// (`--ebpf-max-backlog-kib`).
     pub max_backlog: u64,
-    /// How long a connection is forwarded by copying before it is armed
+    /// How long a connection is forwarded in userspace before it is armed
     /// (`--ebpf-arm-after-ms`).
     pub arm_after: Duration,
 }
@@ -191,11 +192,11 @@ impl SockmapForwarder {
             .await
             .map_err(|e| fail(Side::Upstream, e, Transferred::default()))?;
         let warm_up = warmup::run(
-            &client,
-            &upstream,
+            (&client, &upstream),
             &mut client_io,
             &mut upstream_io,
             warm_up_ends,
+            &self.fallback,
         )
         .await;
         let moved = Transferred {

@@ -1,14 +1,18 @@
-//! The warm-up: before a connection is armed, userspace forwards it by
-//! copying for `--ebpf-arm-after-ms`. A connection that ends within that
+//! The warm-up: before a connection is armed, userspace forwards it for
+//! `--ebpf-arm-after-ms`, with `splice()` through pooled pipes as plain
+//! mode does (copying through a buffer when no pipe can be had): the
+//! sockets are in no sockmap yet, so `splice()` sees every byte. A connection that ends within that
 //! time (a short request and its answer) never touches the BPF maps:
 //! arming and disarming one costs about 30 system calls more than plain
 //! mode spends on a whole short connection (`strace -c`, docs/ebpf-datapath.md).
 //! A longer one is armed at the first moment after the warm-up when
 //! neither direction holds bytes read but not yet written (a redirected
-//! skb must not overtake them) and both receive queues were read empty:
+//! skb must not overtake them) and both receive queues were read empty,
+//! i.e. the last read of each socket returned `EAGAIN`:
 //! `tcp_read_skb()` hands the verdict whole skbs from the queue's head,
 //! so the rest of an skb userspace had read in part would go out again
-//! whole. A connection whose reader is slower than its writer may never
+//! whole. (A short `splice()` does not prove the queue empty: it also
+//! stops when the pipe runs out of slots.) A connection whose reader is slower than its writer may never
 //! reach that moment and stays in userspace; on this kernel the kernel
 //! path would hand it back to userspace anyway (PASS mode, at
 //! `--ebpf-max-backlog-kib`).
@@ -20,15 +24,17 @@
 
 use std::io;
 
-use tokio::{net::TcpStream, time::Instant};
+use rustix::pipe::{SpliceFlags, splice};
+use tokio::{io::Interest, net::TcpStream, time::Instant};
 
 use super::PreArm;
-use crate::error::Side;
+use crate::{
+    error::Side,
+    forward::splice::{Pipe, SpliceForwarder},
+};
 
-/// Read sizes for each direction: small first (most warm-ups carry a
-/// request and its answer), larger once a read fills the buffer.
-const FIRST_READ_BYTES: usize = 16 * 1024;
-const READ_BYTES: usize = 32 * 1024;
+/// Copy-buffer size when no pipe can be had.
+const COPY_BUFFER_BYTES: usize = 32 * 1024;
 /// Reads per direction before the other gets its turn.
 const READS_PER_TURN: usize = 4;
 
@@ -42,22 +48,105 @@ pub(super) enum WarmUp {
     Eof,
 }
 
+/// What holds a direction's bytes between reading and writing.
+#[derive(Debug)]
+enum Carrier {
+    /// A pipe from the pool and the bytes in it.
+    Pipe { pipe: Pipe, held: usize },
+    /// A buffer (no pipe could be had: EMFILE), and of it the bytes
+    /// already written.
+    Buffer { buf: Vec<u8>, start: usize },
+}
+
+impl Carrier {
+    fn new(pipes: &SpliceForwarder) -> Self {
+        match pipes.take_pipe() {
+            Ok(pipe) => Carrier::Pipe { pipe, held: 0 },
+            Err(_) => Carrier::Buffer {
+                buf: Vec::new(),
+                start: 0,
+            },
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Carrier::Pipe { held, .. } => *held == 0,
+            Carrier::Buffer { buf, start } => *start == buf.len(),
+        }
+    }
+
+    /// Reads what `src` has (up to the carrier's size) into an empty
+    /// carrier.
+    fn read_from(&mut self, src: &TcpStream) -> io::Result<usize> {
+        match self {
+            Carrier::Pipe { pipe, held } => {
+                let n = src.try_io(Interest::READABLE, || {
+                    splice(src, None, &pipe.write, None, pipe.capacity, FLAGS)
+                        .map_err(io::Error::from)
+                })?;
+                *held = n;
+                Ok(n)
+            }
+            Carrier::Buffer { buf, start } => {
+                buf.clear();
+                *start = 0;
+                buf.reserve_exact(COPY_BUFFER_BYTES);
+                src.try_read_buf(buf)
+            }
+        }
+    }
+
+    /// Writes some of what is held to `dst`.
+    fn write_to(&mut self, dst: &TcpStream) -> io::Result<usize> {
+        match self {
+            Carrier::Pipe { pipe, held } => {
+                let n = dst.try_io(Interest::WRITABLE, || {
+                    splice(&pipe.read, None, dst, None, *held, FLAGS).map_err(io::Error::from)
+                })?;
+                *held -= n;
+                Ok(n)
+            }
+            Carrier::Buffer { buf, start } => {
+                let n = dst.try_write(&buf[*start..])?;
+                *start += n;
+                Ok(n)
+            }
+        }
+    }
+
+    /// An empty pipe goes back to the pool.
+    fn release(self, pipes: &SpliceForwarder) {
+        if let Carrier::Pipe { pipe, held: 0 } = self {
+            pipes.give_back_pipe(pipe);
+        }
+    }
+}
+
+const FLAGS: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
+
 /// Bytes read from one socket and not yet written to the other.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pending {
-    /// The last read's bytes; allocated on the first read, never zeroed.
-    buf: Vec<u8>,
-    /// Of `buf`, the bytes already written.
-    start: usize,
+    carrier: Carrier,
     /// The source has sent its FIN.
     eof: bool,
-    /// The last read found the source's receive queue empty.
+    /// The last read of the source returned `EAGAIN` and nothing was
+    /// read since: its receive queue held no partly read skb.
     drained: bool,
 }
 
 impl Pending {
+    fn new(pipes: &SpliceForwarder) -> Self {
+        Self {
+            carrier: Carrier::new(pipes),
+            eof: false,
+            drained: false,
+        }
+    }
+
     fn is_empty(&self) -> bool {
-        self.start == self.buf.len()
+        self.carrier.is_empty()
     }
 }
 
@@ -70,40 +159,40 @@ struct Leg<'a> {
     pending: Pending,
 }
 
-/// Forwards by copying until `deadline` has passed and both directions
-/// are empty, or until a side's FIN. Counts bytes read and written per
-/// socket in `client_io` and `upstream_io`.
+/// Forwards (pipes from `pipes`) until `deadline` has passed and both
+/// directions are empty, or until a side's FIN. Counts bytes read and
+/// written per socket in `client_io` and `upstream_io`.
 pub(super) async fn run(
-    client: &TcpStream,
-    upstream: &TcpStream,
+    (client, upstream): (&TcpStream, &TcpStream),
     client_io: &mut PreArm,
     upstream_io: &mut PreArm,
     deadline: Instant,
+    pipes: &SpliceForwarder,
 ) -> Result<WarmUp, (Side, io::Error)> {
     let mut up = Leg {
         src: client,
         dst: upstream,
         src_side: Side::Client,
         dst_side: Side::Upstream,
-        pending: Pending::default(),
+        pending: Pending::new(pipes),
     };
     let mut down = Leg {
         src: upstream,
         dst: client,
         src_side: Side::Upstream,
         dst_side: Side::Client,
-        pending: Pending::default(),
+        pending: Pending::new(pipes),
     };
-    loop {
+    let ended = loop {
         up.step(&mut client_io.read, &mut upstream_io.written)?;
         down.step(&mut upstream_io.read, &mut client_io.written)?;
         let idle = up.pending.is_empty() && down.pending.is_empty();
         if idle && (up.pending.eof || down.pending.eof) {
-            return Ok(WarmUp::Eof);
+            break WarmUp::Eof;
         }
         let now = Instant::now();
         if idle && up.pending.drained && down.pending.drained && now >= deadline {
-            return Ok(WarmUp::Arm);
+            break WarmUp::Arm;
         }
         // Something can always wake this: an empty direction without EOF
         // waits to read (at once if its turn ended before the queue was
@@ -118,7 +207,12 @@ pub(super) async fn run(
             }
             () = tokio::time::sleep_until(deadline), if now < deadline => {}
         }
-    }
+    };
+    // Both empty here; on an error the pipes (perhaps holding bytes) are
+    // closed instead.
+    up.pending.carrier.release(pipes);
+    down.pending.carrier.release(pipes);
+    Ok(ended)
 }
 
 impl Leg<'_> {
@@ -132,11 +226,9 @@ impl Leg<'_> {
         for _ in 0..READS_PER_TURN {
             let p = &mut self.pending;
             while !p.is_empty() {
-                match self.dst.try_write(&p.buf[p.start..]) {
-                    Ok(n) => {
-                        p.start += n;
-                        *written += n as u64;
-                    }
+                match p.carrier.write_to(self.dst) {
+                    Ok(0) => return Err((self.dst_side, io::ErrorKind::WriteZero.into())),
+                    Ok(n) => *written += n as u64,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err((self.dst_side, e)),
@@ -145,23 +237,13 @@ impl Leg<'_> {
             if p.eof {
                 return Ok(());
             }
-            p.buf.clear();
-            p.start = 0;
-            let size = match p.buf.capacity() {
-                0 => FIRST_READ_BYTES,
-                filled if p.drained => filled,
-                _ => READ_BYTES,
-            };
-            p.buf.reserve_exact(size);
-            match self.src.try_read_buf(&mut p.buf) {
+            match p.carrier.read_from(self.src) {
                 Ok(0) => {
                     p.eof = true;
                     return Ok(());
                 }
                 Ok(n) => {
-                    // A read that filled the buffer may have stopped
-                    // inside an skb; only a short one emptied the queue.
-                    p.drained = n < p.buf.capacity();
+                    p.drained = false;
                     *read += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
