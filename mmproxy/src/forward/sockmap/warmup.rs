@@ -1,21 +1,23 @@
 //! The warm-up: before a connection is armed, userspace forwards it for
 //! `--ebpf-arm-after-ms`, with `splice()` through pooled pipes as plain
 //! mode does (copying through a buffer when no pipe can be had): the
-//! sockets are in no sockmap yet, so `splice()` sees every byte. A connection that ends within that
-//! time (a short request and its answer) never touches the BPF maps:
-//! arming and disarming one costs about 30 system calls more than plain
-//! mode spends on a whole short connection (`strace -c`, docs/ebpf-datapath.md).
+//! sockets are in no sockmap yet, so `splice()` sees every byte. A
+//! connection that ends within that time (a short request and its
+//! answer) never touches the BPF maps: arming and disarming one costs
+//! about 30 system calls more than plain mode spends on a whole short
+//! connection (`strace -c`, docs/ebpf-datapath.md).
+//!
 //! A longer one is armed at the first moment after the warm-up when
 //! neither direction holds bytes read but not yet written (a redirected
 //! skb must not overtake them) and both receive queues were read empty,
-//! i.e. the last read of each socket returned `EAGAIN`:
-//! `tcp_read_skb()` hands the verdict whole skbs from the queue's head,
-//! so the rest of an skb userspace had read in part would go out again
-//! whole. (A short `splice()` does not prove the queue empty: it also
-//! stops when the pipe runs out of slots.) A connection whose reader is slower than its writer may never
-//! reach that moment and stays in userspace; on this kernel the kernel
-//! path would hand it back to userspace anyway (PASS mode, at
-//! `--ebpf-max-backlog-kib`).
+//! i.e. the last read of each socket returned `EAGAIN`: `tcp_read_skb()`
+//! hands the verdict whole skbs from the queue's head, so the rest of an
+//! skb userspace had read in part would go out again whole. (A short
+//! `splice()` does not prove the queue empty: it also stops when the pipe
+//! runs out of slots.) A connection whose reader is slower than its
+//! writer may never reach that moment and stays in userspace; on this
+//! kernel the kernel path would hand it back to userspace anyway (PASS
+//! mode, at `--ebpf-max-backlog-kib`).
 //!
 //! One loop serves both directions and never waits on one while the other
 //! could move: an echo backend blocked writing to us stops reading, so
@@ -123,6 +125,7 @@ impl Carrier {
     }
 }
 
+/// Never block: readiness comes from the reactor.
 const FLAGS: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
 
 /// Bytes read from one socket and not yet written to the other.
