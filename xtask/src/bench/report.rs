@@ -258,16 +258,7 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(groups * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor();
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let idx = i as usize;
-            if (x - i - 0.5).abs() < 1e-6 && idx < groups {
-                short_name(workloads[idx]).to_owned()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|&x| group_label(x, groups, |i| short_name(workloads[i])))
         .y_desc("x direct")
         .draw()
         .context("chart")?;
@@ -309,10 +300,23 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
     Ok(())
 }
 
+/// Bar groups sit at `0..groups` on the x axis; each is named at its
+/// middle, every other tick stays blank.
+fn group_label(x: f64, groups: usize, name: impl Fn(usize) -> &'static str) -> String {
+    let i = x.floor();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let idx = i as usize;
+    if (x - i - 0.5).abs() < 1e-6 && idx < groups {
+        name(idx).to_owned()
+    } else {
+        String::new()
+    }
+}
+
 /// Request/response latency percentiles per subject (log scale): the
 /// tail is where the subjects differ most.
-fn draw_latency<DB: DrawingBackend>(
-    area: &DrawingArea<DB, plotters::coord::Shift>,
+fn draw_latency(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     results: &Results,
     subjects: &[Subject],
 ) -> Result<()> {
@@ -337,25 +341,16 @@ fn draw_latency<DB: DrawingBackend>(
         .x_label_area_size(40)
         .y_label_area_size(50)
         .build_cartesian_2d(0f64..x_max.max(1.0), (10f64..20_000f64).log_scale())
-        .map_err(|e| anyhow::anyhow!("chart: {e}"))?;
+        .context("chart")?;
     chart
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(shown.len() * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor();
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let idx = i as usize;
-            if (x - i - 0.5).abs() < 1e-6 && idx < shown.len() {
-                shown[idx].name().to_owned()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|&x| group_label(x, shown.len(), |i| shown[i].name()))
         .y_label_formatter(&|us| format!("{us:.0}"))
         .y_desc("µs")
         .draw()
-        .map_err(|e| anyhow::anyhow!("chart: {e}"))?;
+        .context("chart")?;
     for (pi, &(key, label, color)) in PERCENTILES.iter().enumerate() {
         let bars: Vec<Rectangle<(f64, f64)>> = shown
             .iter()
@@ -372,7 +367,7 @@ fn draw_latency<DB: DrawingBackend>(
             .collect();
         chart
             .draw_series(bars)
-            .map_err(|e| anyhow::anyhow!("chart: {e}"))?
+            .context("chart")?
             .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
@@ -382,7 +377,7 @@ fn draw_latency<DB: DrawingBackend>(
         .border_style(BLACK)
         .background_style(WHITE.mix(0.8))
         .draw()
-        .map_err(|e| anyhow::anyhow!("chart: {e}"))?;
+        .context("chart")?;
     Ok(())
 }
 
