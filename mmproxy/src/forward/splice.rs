@@ -138,15 +138,12 @@ async fn splice_until_eof(
     src_side: Side,
     dst_side: Side,
 ) -> Result<u64, (Side, io::Error)> {
-    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut total = 0u64;
     loop {
-        // The pipe is empty here, so a short splice means the socket ran dry.
+        // The pipe is empty here.
         let filled = loop {
             src.readable().await.map_err(|e| (src_side, e))?;
-            match src.try_io(Interest::READABLE, || {
-                splice(src, None, &pipe.write, None, pipe.capacity, flags).map_err(io::Error::from)
-            }) {
+            match pipe.fill_from(src) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err((src_side, e)),
@@ -158,9 +155,7 @@ async fn splice_until_eof(
         let mut left = filled;
         while left > 0 {
             dst.writable().await.map_err(|e| (dst_side, e))?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(&pipe.read, None, dst, None, left, flags).map_err(io::Error::from)
-            }) {
+            match pipe.drain_to(dst, left) {
                 Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err((dst_side, e)),
@@ -199,12 +194,33 @@ async fn copy_until_eof(
 /// A pipe: what `splice(2)` needs between two sockets.
 #[derive(Debug)]
 pub(super) struct Pipe {
-    pub(super) read: OwnedFd,
-    pub(super) write: OwnedFd,
-    pub(super) capacity: usize,
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
 }
 
+/// Never block: readiness comes from the reactor.
+const SPLICE_FLAGS: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
+
 impl Pipe {
+    /// Moves what `src` has, up to the pipe's capacity, into the pipe
+    /// (which must be empty). `WouldBlock` clears `src`'s readiness. A
+    /// short count does not prove `src` drained: the splice also stops
+    /// when the pipe runs out of slots.
+    pub(super) fn fill_from(&self, src: &TcpStream) -> io::Result<usize> {
+        src.try_io(Interest::READABLE, || {
+            splice(src, None, &self.write, None, self.capacity, SPLICE_FLAGS)
+                .map_err(io::Error::from)
+        })
+    }
+
+    /// Moves up to `len` of the bytes in the pipe to `dst`.
+    pub(super) fn drain_to(&self, dst: &TcpStream, len: usize) -> io::Result<usize> {
+        dst.try_io(Interest::WRITABLE, || {
+            splice(&self.read, None, dst, None, len, SPLICE_FLAGS).map_err(io::Error::from)
+        })
+    }
+
     fn new() -> io::Result<Self> {
         let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
         // Raising the size may fail past /proc/sys/fs/pipe-max-size or the

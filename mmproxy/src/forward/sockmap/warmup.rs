@@ -26,8 +26,7 @@
 
 use std::io;
 
-use rustix::pipe::{SpliceFlags, splice};
-use tokio::{io::Interest, net::TcpStream, time::Instant};
+use tokio::{net::TcpStream, time::Instant};
 
 use super::PreArm;
 use crate::{
@@ -83,12 +82,8 @@ impl Carrier {
     fn read_from(&mut self, src: &TcpStream) -> io::Result<usize> {
         match self {
             Carrier::Pipe { pipe, held } => {
-                let n = src.try_io(Interest::READABLE, || {
-                    splice(src, None, &pipe.write, None, pipe.capacity, FLAGS)
-                        .map_err(io::Error::from)
-                })?;
-                *held = n;
-                Ok(n)
+                *held = pipe.fill_from(src)?;
+                Ok(*held)
             }
             Carrier::Buffer { buf, start } => {
                 buf.clear();
@@ -103,9 +98,7 @@ impl Carrier {
     fn write_to(&mut self, dst: &TcpStream) -> io::Result<usize> {
         match self {
             Carrier::Pipe { pipe, held } => {
-                let n = dst.try_io(Interest::WRITABLE, || {
-                    splice(&pipe.read, None, dst, None, *held, FLAGS).map_err(io::Error::from)
-                })?;
+                let n = pipe.drain_to(dst, *held)?;
                 *held -= n;
                 Ok(n)
             }
@@ -124,9 +117,6 @@ impl Carrier {
         }
     }
 }
-
-/// Never block: readiness comes from the reactor.
-const FLAGS: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
 
 /// Bytes read from one socket and not yet written to the other.
 #[derive(Debug)]
