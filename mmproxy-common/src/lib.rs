@@ -5,7 +5,11 @@
 //! aya with the `user` feature, which implements `aya::Pod` for them.
 //! Map and program names are constants so that neither side can spell them
 //! differently.
+//!
+//! - [`sockmap`]: the TCP data path (a stream verdict splicing sockets).
+//! - [`udp`]: the UDP data path (a TC program rewriting datagrams).
 
 #![no_std]
 
 pub mod sockmap;
+pub mod udp;

@@ -172,6 +172,18 @@ fn encode_udp(encoder: &mut DescriptorEncoder, udp: &UdpProxy) -> Result<(), std
                 .encode(metric.encode_family(&vec![("kind", kind.to_owned())])?)?;
         }
     }
+    if let Some(kernel) = udp.kernel() {
+        let mut metric = encoder.encode_descriptor(
+            "mmproxy_udp_kernel_program",
+            "What the UDP TC program did with the datagrams it looked at (ebpf mode), by outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, value) in kernel.program_counters() {
+            ConstCounter::new(value)
+                .encode(metric.encode_family(&vec![("outcome", outcome.to_owned())])?)?;
+        }
+    }
     Ok(())
 }
 

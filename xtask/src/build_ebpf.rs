@@ -21,6 +21,10 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::exec::{cargo, exec, output, workspace_root};
 
+/// The BPF objects the daemon embeds (mmproxy/build.rs): the TCP verdict
+/// and the UDP TC program.
+const OBJECTS: [&str; 2] = ["mmproxy-ebpf", "mmproxy-udp-tc"];
+
 /// The toolchain that builds the BPF crate.
 pub(crate) const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -61,17 +65,17 @@ pub(crate) fn build_ebpf(opts: &Options) -> Result<PathBuf> {
     exec(&mut cmd).context("building the BPF programs")?;
 
     let profile = if opts.debug { "debug" } else { "release" };
-    let object = target_dir
-        .join("bpfel-unknown-none")
-        .join(profile)
-        .join("mmproxy-ebpf");
-    if !object.is_file() {
-        bail!(
-            "the BPF build succeeded but {} is missing",
-            object.display()
-        );
+    let objects = target_dir.join("bpfel-unknown-none").join(profile);
+    for name in OBJECTS {
+        let object = objects.join(name);
+        if !object.is_file() {
+            bail!(
+                "the BPF build succeeded but {} is missing",
+                object.display()
+            );
+        }
     }
-    Ok(object)
+    Ok(objects.join(OBJECTS[0]))
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {

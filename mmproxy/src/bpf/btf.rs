@@ -142,6 +142,12 @@ impl Btf {
     /// Byte offset of `member` in `struct name`, looking through anonymous
     /// struct and union members (where `sk_buff` keeps many fields).
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
+        self.member_bit_offset(name, member).map(|bits| bits / 8)
+    }
+
+    /// Bit offset of `member` in `struct name`: for a bitfield such as
+    /// `sk_buff.ip_summed`, where its first bit lies.
+    pub fn member_bit_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
         let id = (0..self.starts.len())
             .find(|&i| {
                 self.header(i)
@@ -149,7 +155,6 @@ impl Btf {
             })
             .ok_or_else(|| BtfError::NoStruct(name.into()))?;
         self.find_member(id, member)
-            .map(|bits| bits / 8)
             .ok_or_else(|| BtfError::NoMember(name.into(), member.into()))
     }
 
@@ -260,6 +265,39 @@ mod tests {
                     assert_eq!(bits / 8, cb);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn finds_the_checksum_state_bits_the_udp_program_reads() {
+        let Ok(btf) = Btf::from_kernel() else {
+            eprintln!("SKIPPED: this kernel exposes no /sys/kernel/btf/vmlinux");
+            return;
+        };
+        let bits = btf.member_bit_offset("sk_buff", "ip_summed").unwrap();
+        let len = btf.member_offset("sk_buff", "len").unwrap();
+        // A 2-bit field among the flag bytes after `len`, inside sk_buff.
+        assert!(bits / 8 > len && bits / 8 < 256, "ip_summed at bit {bits}");
+        if let Ok(out) = std::process::Command::new("bpftool")
+            .args([
+                "btf",
+                "dump",
+                "file",
+                "/sys/kernel/btf/vmlinux",
+                "format",
+                "raw",
+            ])
+            .output()
+        {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let listed = text
+                .lines()
+                .filter(|l| l.trim_start().starts_with("'ip_summed'"))
+                .any(|l| l.contains(&format!("bits_offset={bits} ")));
+            assert!(
+                listed || text.is_empty(),
+                "bpftool lists ip_summed elsewhere"
+            );
         }
     }
 

@@ -1,8 +1,10 @@
-//! The BPF loader: loads the embedded object built by `cargo xtask
-//! build-ebpf`, fills in the kernel offsets from BTF, attaches the verdict
-//! program to the socket map, and gives typed access to the maps.
+//! The BPF loaders: each loads an object built by `cargo xtask
+//! build-ebpf`, fills in what it needs from the kernel's BTF, attaches its
+//! program and gives typed access to its maps. This file: the TCP verdict
+//! (attached to the socket map); [`udp`]: the UDP TC program.
 
 pub mod btf;
+pub mod udp;
 
 use std::{
     os::fd::AsRawFd,
@@ -221,7 +223,7 @@ impl Datapath {
 /// (aya 0.14, bpf.rs) parses the kernel's BTF even when `.btf(None)`
 /// follows: about 20 MiB, freed at once, but kept in glibc's heap (22 MiB
 /// resident at idle against plain mode's 6 MiB, measured) unless trimmed.
-fn release_freed_heap() {
+pub(crate) fn release_freed_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free heap memory.
     unsafe {

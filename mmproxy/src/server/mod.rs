@@ -25,7 +25,7 @@ use self::{
 use crate::{
     activation::{self, Inherited},
     check,
-    config::{AllowedSubnets, Config},
+    config::{AllowedSubnets, Config, Mode, UdpHeaderMode},
     connection::TcpProxy,
     error::error_chain,
     forward::Forwarder,
@@ -34,7 +34,7 @@ use crate::{
     metrics::{self, LiveCounters, Metrics},
     policy::{LogLimiter, REFUSAL_LOG_INTERVAL},
     routing::RoutingError,
-    udp::{UdpProxy, frontend::FrontendSocket},
+    udp::{UdpProxy, frontend::FrontendSocket, kernel::KernelPath},
     upgrade::{HandoverSocket, Launch, Predecessor},
 };
 
@@ -252,6 +252,9 @@ impl Serving<'_> {
             info!(?counters, header_errors = ?udp.stats.header_errors(),
                   session_errors = ?udp.stats.session_errors(),
                   policy_refusals = ?udp.stats.policy_refusals(), "udp counters at exit");
+            if let Some(kernel) = udp.kernel() {
+                info!(counters = ?kernel.program_counters(), "udp kernel program counters at exit");
+            }
         }
         Ok(())
     }
@@ -315,14 +318,18 @@ impl Serving<'_> {
             return Ok(None);
         }
         let (config, shutdown) = (self.config, &self.shutdown.drain);
+        let kernel = udp_kernel_path(config)?;
+        let with_kernel = kernel.is_some();
+        let mode = if with_kernel { "ebpf" } else { "plain" };
         let proxy = Arc::new(UdpProxy::new(
             config.clone(),
             config.upstream_options(),
             allowed.clone(),
+            kernel,
         ));
         let count = sockets.len();
         for socket in sockets {
-            let socket = FrontendSocket::new(socket).map_err(StartError::Register)?;
+            let socket = FrontendSocket::new(socket, with_kernel).map_err(StartError::Register)?;
             loops.spawn(proxy.clone().serve(Arc::new(socket), shutdown.clone()));
         }
         loops.spawn(proxy.clone().sweep(shutdown.clone()));
@@ -335,6 +342,7 @@ impl Serving<'_> {
             header = ?config.udp_header,
             close_after = ?config.udp_idle_timeout,
             max_sessions = config.max_udp_sessions,
+            mode,
             "listening (udp)"
         );
         Ok(Some(proxy))
@@ -422,4 +430,44 @@ async fn drain_tcp(
         let counters = stats.counters();
         info!(?counters, "ebpf data path counters at exit");
     }
+}
+
+/// The UDP kernel path for `--mode`: required in ebpf mode, used where it
+/// loads in auto mode (it forwards near no-proxy speed), never in plain.
+fn udp_kernel_path(config: &Config) -> Result<Option<Arc<KernelPath>>, StartError> {
+    if config.mode == Mode::Plain {
+        return Ok(None);
+    }
+    let loaded = KernelPath::load(
+        config.max_udp_sessions,
+        config.udp_header == UdpHeaderMode::First,
+        config.mark,
+    );
+    let kernel = match (loaded, config.mode) {
+        (Ok(kernel), _) => kernel,
+        (Err(e), Mode::Ebpf) => return Err(StartError::EbpfUnavailable(error_chain(&e))),
+        (Err(e), _) => {
+            info!(reason = %error_chain(&e), "mode auto: UDP stays in userspace");
+            return Ok(None);
+        }
+    };
+    let datapath = kernel.datapath();
+    info!(
+        devices = %datapath.devices().join(","),
+        attach = datapath.attach_kind(),
+        "udp: kernel path attached (ingress)"
+    );
+    if datapath.attach_kind() == "clsact" {
+        warn!(
+            "udp: this kernel has no TCX (Linux 6.6+): the program sits in a clsact filter, which a \
+             killed daemon leaves behind (tc filter del dev DEVICE ingress)"
+        );
+    }
+    if !datapath.lo_route_localnet() && config.target4.ip().is_loopback() {
+        info!(
+            "udp: net.ipv4.conf.lo.route_localnet is 0: IPv4 datagrams arriving on devices other \
+             than lo take the userspace path to the 127/8 backend (set it to 1 for the kernel path)"
+        );
+    }
+    Ok(Some(Arc::new(kernel)))
 }

@@ -32,6 +32,8 @@ pub struct Datagram {
     pub to: Option<IpAddr>,
     /// The datagram did not fit the buffer (never with a 64 KiB buffer).
     pub truncated: bool,
+    /// The device it arrived on, when packet info is on.
+    pub ifindex: Option<u32>,
 }
 
 /// Datagrams taken from the kernel per `recvmmsg` call.
@@ -71,6 +73,8 @@ impl RecvBatch {
 pub struct FrontendSocket {
     io: UdpSocket,
     pktinfo: bool,
+    /// The address the socket is bound to.
+    local: SocketAddr,
 }
 
 /// Room for one `IPV6_PKTINFO` (the larger of the two) control message.
@@ -80,11 +84,12 @@ pub fn control_buffer() -> Vec<u8> {
 
 impl FrontendSocket {
     /// Wraps a bound socket; asks for packet info when it is bound to a
-    /// wildcard address.
-    pub fn new(socket: socket2::Socket) -> io::Result<Self> {
+    /// wildcard address, or when `want_device` (ebpf mode: the kernel path
+    /// sends replies out of the device the balancer's datagrams came in).
+    pub fn new(socket: socket2::Socket, want_device: bool) -> io::Result<Self> {
         let bound = crate::sockopt::bound_addr(&socket)
             .ok_or_else(|| io::Error::other("the UDP listener has no inet address"))?;
-        let pktinfo = bound.ip().is_unspecified();
+        let pktinfo = bound.ip().is_unspecified() || want_device;
         if pktinfo {
             match bound {
                 SocketAddr::V4(_) => setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?,
@@ -95,7 +100,14 @@ impl FrontendSocket {
         Ok(Self {
             io: UdpSocket::from_std(std_socket)?,
             pktinfo,
+            local: bound,
         })
+    }
+
+    /// The local address a datagram was sent to: the one packet info
+    /// named, or the bound address.
+    pub fn local_for(&self, datagram: &Datagram) -> SocketAddr {
+        SocketAddr::new(datagram.to.unwrap_or(self.local.ip()), self.local.port())
     }
 
     /// Waits for datagrams and receives up to [`BATCH`] of them with one
@@ -143,16 +155,18 @@ impl FrontendSocket {
                 .as_ref()
                 .and_then(to_socket_addr)
                 .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-            let mut to = None;
+            let (mut to, mut ifindex) = (None, None);
             for cmsg in msg.cmsgs()? {
                 match cmsg {
                     ControlMessageOwned::Ipv4PacketInfo(info) => {
                         to = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
                             info.ipi_addr.s_addr,
                         ))));
+                        ifindex = u32::try_from(info.ipi_ifindex).ok();
                     }
                     ControlMessageOwned::Ipv6PacketInfo(info) => {
                         to = Some(IpAddr::from(info.ipi6_addr.s6_addr));
+                        ifindex = Some(info.ipi6_ifindex);
                     }
                     _ => {}
                 }
@@ -162,6 +176,7 @@ impl FrontendSocket {
                 from,
                 to,
                 truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+                ifindex,
             });
         }
         if received.len() < BATCH {

@@ -11,8 +11,13 @@
 //!
 //! Datagrams are forwarded whole or dropped, never cut: every drop is
 //! counted by reason in [`stats::UdpStats`].
+//!
+//! In ebpf mode ([`kernel`]) a session, once open, is also written into
+//! the kernel path's maps, and its later datagrams and replies no longer
+//! pass through here.
 
 pub mod frontend;
+pub mod kernel;
 pub mod session;
 pub mod stats;
 
@@ -24,6 +29,7 @@ use tracing::{debug, warn};
 
 use self::{
     frontend::{Datagram, FrontendSocket, RecvBatch},
+    kernel::{KernelPath, SessionRoute},
     session::{Clock, Session, SessionKey, SessionTable},
     stats::{UdpStats, inc},
 };
@@ -55,6 +61,8 @@ pub struct UdpProxy {
     pub stats: Arc<UdpStats>,
     /// Paces the warnings for refused headers.
     refusal_log: LogLimiter,
+    /// ebpf mode: the kernel path sessions are handed to.
+    kernel: Option<Arc<KernelPath>>,
 }
 
 /// Where a datagram's payload goes.
@@ -62,6 +70,8 @@ struct Classified<'a> {
     key: SessionKey,
     /// `None`: no header (first-datagram mode); the session knows.
     route: Option<Route>,
+    /// The header's destination (`None` without a header).
+    header_destination: Option<SocketAddr>,
     payload: &'a [u8],
 }
 
@@ -70,6 +80,7 @@ impl UdpProxy {
         config: Arc<Config>,
         upstream: UpstreamOptions,
         allowed: Arc<ArcSwap<AllowedSubnets>>,
+        kernel: Option<Arc<KernelPath>>,
     ) -> Self {
         Self {
             sessions: SessionTable::new(
@@ -82,7 +93,13 @@ impl UdpProxy {
             clock: Clock::new(),
             stats: Arc::default(),
             refusal_log: LogLimiter::new(REFUSAL_LOG_INTERVAL),
+            kernel,
         }
+    }
+
+    /// The kernel path, in ebpf mode.
+    pub fn kernel(&self) -> Option<&KernelPath> {
+        self.kernel.as_deref()
     }
 
     /// Open sessions now.
@@ -134,6 +151,7 @@ impl UdpProxy {
                 _ = tick.tick() => {}
                 () = shutdown.cancelled() => break,
             }
+            self.sync_kernel();
             let expired = self.sessions.expire(self.clock.now_ms(), idle);
             if expired > 0 {
                 self.stats
@@ -149,8 +167,33 @@ impl UdpProxy {
         self.sessions.close_all();
     }
 
+    /// Reads what the kernel path did for each session it carries into
+    /// the counters, keeps sessions it saw traffic on alive, and takes
+    /// back from it any session whose balancer a reloaded
+    /// `--allowed-subnets` no longer allows (userspace then drops its
+    /// datagrams, as in plain mode).
+    fn sync_kernel(&self) {
+        if self.kernel.is_none() {
+            return;
+        }
+        let allowed = self.allowed.load();
+        let now = self.clock.now_ms();
+        for session in self.sessions.offloaded() {
+            if session.sync_kernel(now) {
+                self.sessions.promote(&session.key);
+            }
+            if session
+                .offloaded_balancer()
+                .is_some_and(|balancer| !allowed.allows(balancer))
+            {
+                session.end_offload();
+            }
+        }
+    }
+
     fn on_datagram(&self, socket: &Arc<FrontendSocket>, data: &[u8], meta: Datagram) {
         inc(&self.stats.received);
+        inc(&self.stats.userspace_received);
         if !self.allowed.load().allows(meta.from.ip().to_canonical()) {
             inc(&self.stats.refused_peer);
             debug!(peer = %meta.from, "datagram from a peer not in --allowed-subnets; dropped");
@@ -164,10 +207,51 @@ impl UdpProxy {
         let Some(c) = self.classify(data, meta.from) else {
             return;
         };
-        let Some(session) = self.session_for(c.key, c.route, socket, meta) else {
+        let Some((session, opened)) = self.session_for(c.key, c.route, socket, meta) else {
             return;
         };
         session.forward(c.payload, &self.stats, self.clock.now_ms());
+        // Handed to the kernel only after its first datagram is on its
+        // way, so the kernel's first one cannot overtake it.
+        if opened && let (Some(destination), Some(ifindex)) = (c.header_destination, meta.ifindex) {
+            self.offload(&session, (socket.local_for(&meta), ifindex), destination);
+        }
+    }
+
+    /// ebpf mode: writes a new session into the kernel path. `arrival`:
+    /// the local address the balancer sent to, and the device it came in.
+    fn offload(
+        &self,
+        session: &Session,
+        arrival: (SocketAddr, u32),
+        header_destination: SocketAddr,
+    ) {
+        let (listener, balancer_ifindex) = arrival;
+        let (Some(kernel), Some(client), Some(upstream)) =
+            (&self.kernel, session.key.client, session.upstream_addr())
+        else {
+            return;
+        };
+        let route = SessionRoute {
+            balancer: session.key.frontend,
+            balancer_ifindex,
+            listener,
+            client,
+            header_destination,
+            upstream,
+            backend: session.route.backend,
+        };
+        match kernel.offload(&route) {
+            Ok(Some(offload)) => {
+                session.set_offload(offload);
+                inc(&self.stats.sessions_offloaded);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                inc(&self.stats.offload_failures);
+                debug!(client = %client, error = %e, "cannot hand the UDP session to the kernel; it stays in userspace");
+            }
+        }
     }
 
     /// Strips and interprets the header, or maps a headerless datagram to
@@ -182,6 +266,7 @@ impl UdpProxy {
             return Some(Classified {
                 key,
                 route: None,
+                header_destination: None,
                 payload: data,
             });
         }
@@ -209,6 +294,10 @@ impl UdpProxy {
         frontend: SocketAddr,
         payload: &'a [u8],
     ) -> Option<Classified<'a>> {
+        let header_destination = match action {
+            proxy_protocol::Action::Spoof { destination, .. } => Some(destination),
+            proxy_protocol::Action::Direct => None,
+        };
         let route = match self.config.policy.route(action, frontend) {
             Ok(route) => route,
             Err(refusal) => {
@@ -235,27 +324,28 @@ impl UdpProxy {
         Some(Classified {
             key,
             route: Some(route),
+            header_destination,
             payload,
         })
     }
 
-    /// The open session for `key`, or a new one; a failed session is
-    /// reopened on the same route.
+    /// The open session for `key`, or a new one (then `true`); a failed
+    /// session is reopened on the same route.
     fn session_for(
         &self,
         key: SessionKey,
         route: Option<Route>,
         socket: &Arc<FrontendSocket>,
         meta: Datagram,
-    ) -> Option<Arc<Session>> {
+    ) -> Option<(Arc<Session>, bool)> {
         let existing = self.sessions.get(&key);
         // The key fixes the route (the backend follows from the client's
         // family, or with --dynamic-destination from the flow's first
         // header): a healthy session is used as it is.
-        if let Some(session) = &existing
+        if let Some(session) = existing.clone()
             && !session.is_failed()
         {
-            return existing;
+            return Some((session, false));
         }
         // A failed session being reopened already holds its place.
         let reopening = existing.is_some();
@@ -266,8 +356,8 @@ impl UdpProxy {
                    "client has its share of UDP sessions; datagram dropped");
             return None;
         }
-        let session = self.open(key, route, socket, meta)?;
-        let (session, evicted) = self.sessions.insert(session);
+        let opened = self.open(key, route, socket, meta)?;
+        let (session, evicted) = self.sessions.insert(opened.clone());
         if !evicted.is_empty() {
             self.stats
                 .sessions_evicted
@@ -278,7 +368,8 @@ impl UdpProxy {
                 "UDP session table full; least recently used closed"
             );
         }
-        Some(session)
+        let is_new = Arc::ptr_eq(&session, &opened);
+        Some((session, is_new))
     }
 
     fn open(

@@ -29,7 +29,8 @@ use crate::policy::Route;
 use super::{
     MAX_DATAGRAM,
     frontend::FrontendSocket,
-    stats::{UdpStats, add_datagram, inc},
+    kernel::Offload,
+    stats::{UdpStats, add_datagram, add_kernel_counts, inc},
 };
 
 /// What identifies a session. Two clients behind one balancer address
@@ -86,6 +87,10 @@ pub struct Session {
     /// The upstream socket failed for good; the next datagram reopens.
     failed: AtomicBool,
     closed: CancellationToken,
+    /// ebpf mode: the session's entries in the kernel path, once handed
+    /// over; taken out when the session closes or fails.
+    offload: Mutex<Option<Offload>>,
+    stats: Arc<UdpStats>,
 }
 
 thread_local! {
@@ -125,6 +130,8 @@ impl Session {
             last_active_ms: AtomicU64::new(clock.now_ms()),
             failed: AtomicBool::new(false),
             closed: CancellationToken::new(),
+            offload: Mutex::new(None),
+            stats: stats.clone(),
         });
         tokio::spawn(session.clone().relay_replies(stats));
         Ok(session)
@@ -169,6 +176,12 @@ impl Session {
         }
     }
 
+    /// The upstream socket's own address (the client's, or an ephemeral
+    /// port where the client's was taken).
+    pub fn upstream_addr(&self) -> Option<SocketAddr> {
+        self.upstream.local_addr().ok()
+    }
+
     pub fn is_failed(&self) -> bool {
         self.failed.load(Relaxed)
     }
@@ -177,9 +190,55 @@ impl Session {
         self.last_active_ms.load(Relaxed)
     }
 
-    /// Stops the reply task; the socket closes with the last reference.
+    /// Stops the reply task and takes the session out of the kernel path;
+    /// the socket closes with the last reference.
     pub fn close(&self) {
         self.closed.cancel();
+        self.end_offload();
+    }
+
+    /// Records that the kernel path now carries this session.
+    pub fn set_offload(&self, offload: Offload) {
+        *self.offload_slot() = Some(offload);
+    }
+
+    pub fn is_offloaded(&self) -> bool {
+        self.offload_slot().is_some()
+    }
+
+    /// Adds what the kernel did for this session since the last call to
+    /// the counters; a session with new kernel traffic counts as active.
+    /// Returns whether there was any.
+    pub fn sync_kernel(&self, now_ms: u64) -> bool {
+        let Some(counts) = self.offload_slot().as_ref().map(Offload::take_new_counts) else {
+            return false;
+        };
+        add_kernel_counts(&self.stats, &counts);
+        let active = counts.forwarded > 0 || counts.replied > 0;
+        if active {
+            self.touch(now_ms);
+        }
+        active
+    }
+
+    /// The balancer address of an offloaded session.
+    pub fn offloaded_balancer(&self) -> Option<IpAddr> {
+        self.offload_slot()
+            .as_ref()
+            .map(|_| self.key.frontend.ip().to_canonical())
+    }
+
+    /// Takes the session out of the kernel path, counting what it did.
+    pub fn end_offload(&self) {
+        if let Some(offload) = self.offload_slot().take() {
+            add_kernel_counts(&self.stats, &offload.remove());
+        }
+    }
+
+    fn offload_slot(&self) -> std::sync::MutexGuard<'_, Option<Offload>> {
+        self.offload
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn touch(&self, now_ms: u64) {
@@ -255,6 +314,8 @@ impl Session {
 
     fn fail(&self, stats: &UdpStats, e: &io::Error) {
         inc(&stats.sessions_failed);
+        // The next datagram must reach userspace to reopen the session.
+        self.end_offload();
         debug!(client = ?self.key.client, error = %e, "upstream socket failed; the next datagram reopens the session");
         self.failed.store(true, Relaxed);
     }
@@ -397,6 +458,22 @@ impl SessionTable {
         self.lock().sessions.len()
     }
 
+    /// The sessions the kernel path carries (a snapshot: the caller reads
+    /// their kernel counters without holding the table's lock).
+    pub fn offloaded(&self) -> Vec<Arc<Session>> {
+        self.lock()
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.is_offloaded())
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// Marks a session as just used (the kernel saw its traffic).
+    pub fn promote(&self, key: &SessionKey) {
+        self.lock().sessions.promote(key);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -445,7 +522,7 @@ mod tests {
         socket.set_nonblocking(true).unwrap();
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         socket.bind(&addr.into()).unwrap();
-        Arc::new(FrontendSocket::new(socket).unwrap())
+        Arc::new(FrontendSocket::new(socket, false).unwrap())
     }
 
     fn session(client_port: u16, clock: Clock) -> Arc<Session> {

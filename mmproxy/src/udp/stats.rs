@@ -13,8 +13,19 @@ use std::{
 /// Relaxed atomics: each is a monotonic count read only for reporting.
 #[derive(Debug, Default)]
 pub struct UdpStats {
-    /// Datagrams from balancers, before any check.
+    /// Datagrams from balancers, before any check, by either path.
     pub received: AtomicU64,
+    /// Of those, the ones the daemon's sockets read (all of them in plain
+    /// mode; in ebpf mode, what the kernel path did not take).
+    pub userspace_received: AtomicU64,
+    /// Datagrams forwarded and replies relayed by the kernel path (ebpf
+    /// mode); also counted in `forwarded` and `replied`.
+    pub kernel_forwarded: AtomicU64,
+    pub kernel_replied: AtomicU64,
+    /// Sessions handed to the kernel path, and those it could not take
+    /// (a full map; they stay in userspace).
+    pub sessions_offloaded: AtomicU64,
+    pub offload_failures: AtomicU64,
     /// Payloads sent to backends, and their bytes (headers excluded).
     pub forwarded: AtomicU64,
     pub forwarded_bytes: AtomicU64,
@@ -76,9 +87,14 @@ impl UdpStats {
     }
 
     /// Every plain counter by name, for logs and metrics.
-    pub fn counters(&self) -> [(&'static str, u64); 14] {
+    pub fn counters(&self) -> [(&'static str, u64); 19] {
         [
             ("received", &self.received),
+            ("userspace_received", &self.userspace_received),
+            ("kernel_forwarded", &self.kernel_forwarded),
+            ("kernel_replied", &self.kernel_replied),
+            ("sessions_offloaded", &self.sessions_offloaded),
+            ("offload_failures", &self.offload_failures),
             ("forwarded", &self.forwarded),
             ("forwarded_bytes", &self.forwarded_bytes),
             ("replied", &self.replied),
@@ -95,6 +111,19 @@ impl UdpStats {
         ]
         .map(|(name, c)| (name, c.load(Relaxed)))
     }
+}
+
+/// Adds what the kernel path did for a session to the totals.
+pub fn add_kernel_counts(stats: &UdpStats, counts: &crate::bpf::udp::SessionCounts) {
+    stats.received.fetch_add(counts.forwarded, Relaxed);
+    stats.forwarded.fetch_add(counts.forwarded, Relaxed);
+    stats
+        .forwarded_bytes
+        .fetch_add(counts.forwarded_bytes, Relaxed);
+    stats.kernel_forwarded.fetch_add(counts.forwarded, Relaxed);
+    stats.replied.fetch_add(counts.replied, Relaxed);
+    stats.replied_bytes.fetch_add(counts.replied_bytes, Relaxed);
+    stats.kernel_replied.fetch_add(counts.replied, Relaxed);
 }
 
 /// Adds one to a counter.
