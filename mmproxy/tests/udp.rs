@@ -17,6 +17,36 @@ const PROXY6: &str = "[::1]:8443";
 const BACKEND4: &str = "127.0.0.1:9000";
 const BACKEND6: &str = "[::1]:9000";
 
+thread_local! {
+    /// The data path the running test holds the daemon to: set by the
+    /// wrappers `udp_in_both_modes!` declares, read by [`start`].
+    static MODE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("plain") };
+}
+
+/// Declares each test function once per data path, as `plain::$name`
+/// (userspace) and `ebpf::$name` (the kernel path carries each session
+/// after its first datagram): one contract, two data paths.
+macro_rules! udp_in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod plain {
+            $(#[test] fn $name() { super::in_mode("plain", super::$name) })*
+        }
+        mod ebpf {
+            $(#[test] fn $name() { super::in_mode("ebpf", super::$name) })*
+        }
+    };
+}
+
+fn in_mode(mode: &'static str, test: fn()) {
+    MODE.set(mode);
+    test();
+}
+
+/// The `--mode` flags of the running test's data path.
+fn mode_flags() -> [&'static str; 2] {
+    ["--mode", MODE.get()]
+}
+
 fn start(ns: &Netns, extra: &[&str]) -> Daemon {
     let mut args = vec![
         "-p",
@@ -31,6 +61,7 @@ fn start(ns: &Netns, extra: &[&str]) -> Daemon {
         "1",
     ];
     args.extend_from_slice(extra);
+    args.extend_from_slice(&mode_flags());
     Daemon::start(ns, &args)
 }
 
@@ -76,19 +107,16 @@ fn round_trip(
     });
 }
 
-#[test]
 fn round_trip_ipv4_client_is_spoofed() {
     round_trip(PROXY4, BACKEND4, "192.0.2.7:40001", "127.0.0.1:0");
 }
 
-#[test]
 fn round_trip_ipv6_client_is_spoofed() {
     round_trip(PROXY6, BACKEND6, "[2001:db8::7]:40002", "[::1]:0");
 }
 
 /// On a wildcard listener, a reply must leave from the address the
 /// balancer sent to, not from the one the routing table prefers.
-#[test]
 fn replies_leave_from_the_address_the_balancer_sent_to() {
     let Some(ns) = netns_or_skip("replies_leave_from_the_address_the_balancer_sent_to") else {
         return;
@@ -148,7 +176,6 @@ fn two_clients_kept_apart(
     assert_eq!(exit_counter(&line, "sessions_created"), 2, "{line}");
 }
 
-#[test]
 fn two_clients_behind_one_frontend_address_are_kept_apart_ipv4() {
     two_clients_kept_apart(
         PROXY4,
@@ -159,7 +186,6 @@ fn two_clients_behind_one_frontend_address_are_kept_apart_ipv4() {
     );
 }
 
-#[test]
 fn two_clients_behind_one_frontend_address_are_kept_apart_ipv6() {
     two_clients_kept_apart(
         PROXY6,
@@ -208,17 +234,14 @@ fn first_datagram_mode(
     );
 }
 
-#[test]
 fn first_datagram_mode_maps_headerless_datagrams_ipv4() {
     first_datagram_mode(PROXY4, BACKEND4, "127.0.0.1:0", "192.0.2.9:7000");
 }
 
-#[test]
 fn first_datagram_mode_maps_headerless_datagrams_ipv6() {
     first_datagram_mode(PROXY6, BACKEND6, "[::1]:0", "[2001:db8::9]:7000");
 }
 
-#[test]
 fn every_mode_drops_headerless_datagrams() {
     let Some(ns) = netns_or_skip("every_mode_drops_headerless_datagrams") else {
         return;
@@ -242,7 +265,6 @@ fn every_mode_drops_headerless_datagrams() {
     );
 }
 
-#[test]
 fn idle_sessions_expire_after_close_after() {
     let Some(ns) = netns_or_skip("idle_sessions_expire_after_close_after") else {
         return;
@@ -268,7 +290,6 @@ fn idle_sessions_expire_after_close_after() {
     assert_eq!(exit_counter(&line, "sessions_expired"), 1, "{line}");
 }
 
-#[test]
 fn session_cap_closes_the_least_recently_used() {
     let Some(ns) = netns_or_skip("session_cap_closes_the_least_recently_used") else {
         return;
@@ -323,19 +344,16 @@ fn icmp_then_backend_back(
     assert!(exit_counter(&line, "upstream_unreachable") >= 1, "{line}");
 }
 
-#[test]
 fn icmp_port_unreachable_then_backend_back_ipv4() {
     icmp_then_backend_back(PROXY4, BACKEND4, "127.0.0.1:0", "192.0.2.4:4000");
 }
 
-#[test]
 fn icmp_port_unreachable_then_backend_back_ipv6() {
     icmp_then_backend_back(PROXY6, BACKEND6, "[::1]:0", "[2001:db8::4]:4000");
 }
 
 const SESSIONS: u16 = 10_000;
 
-#[test]
 fn ten_thousand_sessions() {
     let Some(ns) = netns_or_skip("ten_thousand_sessions") else {
         return;
@@ -387,7 +405,6 @@ fn ten_thousand_sessions() {
     );
 }
 
-#[test]
 fn bad_and_missing_headers_are_counted_and_dropped_while_good_traffic_flows() {
     let Some(ns) = netns_or_skip("bad_and_missing_headers_are_counted_and_dropped") else {
         return;
@@ -443,7 +460,6 @@ fn bad_and_missing_headers_are_counted_and_dropped_while_good_traffic_flows() {
     assert_eq!(exit_counter(&line, "forwarded"), 5, "{line}");
 }
 
-#[test]
 fn local_header_forwards_without_spoofing() {
     let Some(ns) = netns_or_skip("local_header_forwards_without_spoofing") else {
         return;
@@ -463,7 +479,6 @@ fn local_header_forwards_without_spoofing() {
     });
 }
 
-#[test]
 fn large_datagrams_pass_whole() {
     let Some(ns) = netns_or_skip("large_datagrams_pass_whole") else {
         return;
@@ -481,7 +496,6 @@ fn large_datagrams_pass_whole() {
     });
 }
 
-#[test]
 fn listeners_share_one_session_table() {
     let Some(ns) = netns_or_skip("listeners_share_one_session_table") else {
         return;
@@ -504,7 +518,6 @@ fn listeners_share_one_session_table() {
     assert_eq!(exit_counter(&line, "sessions_created"), 20, "{line}");
 }
 
-#[test]
 fn allowed_subnets_drop_other_balancers() {
     let Some(ns) = netns_or_skip("allowed_subnets_drop_other_balancers") else {
         return;
@@ -534,7 +547,6 @@ fn allowed_subnets_drop_other_balancers() {
 
 /// The client's ip:port is already bound on the proxy host: fallback
 /// keeps the address with another port; strict drops and counts.
-#[test]
 fn client_port_in_use_falls_back_or_is_refused() {
     let Some(ns) = netns_or_skip("client_port_in_use_falls_back_or_is_refused") else {
         return;
@@ -569,7 +581,6 @@ fn client_port_in_use_falls_back_or_is_refused() {
     }
 }
 
-#[test]
 fn tcp_and_udp_in_one_process_on_one_address() {
     let Some(ns) = netns_or_skip("tcp_and_udp_in_one_process_on_one_address") else {
         return;
@@ -584,7 +595,7 @@ fn tcp_and_udp_in_one_process_on_one_address() {
             "-4",
             BACKEND4,
             "--mode",
-            "plain",
+            MODE.get(),
         ],
     );
     d.wait_for_log("listening (tcp)", Duration::from_secs(5));
@@ -605,18 +616,21 @@ fn tcp_and_udp_in_one_process_on_one_address() {
 
 /// `--mark` reaches UDP upstream sockets: with traffic to 127.0.0.2
 /// prohibited unless marked 7, only the marked daemon gets through.
-#[test]
 fn mark_is_set_on_upstream_sockets() {
     let Some(ns) = netns_or_skip("udp_mark_is_set_on_upstream_sockets") else {
         return;
     };
     ns.only_marked_reaches("127.0.0.2/32", "7");
-    let common = ["-p", "udp", "-4", "127.0.0.2:9000", "-v", "1"];
+    let common = [
+        &["-p", "udp", "-4", "127.0.0.2:9000", "-v", "1"][..],
+        &mode_flags(),
+    ]
+    .concat();
     let _marked = Daemon::start(
         &ns,
-        &[&["-l", "127.0.0.1:8443", "-mark", "7"][..], &common].concat(),
+        &[&["-l", "127.0.0.1:8443", "-mark", "7"][..], &common[..]].concat(),
     );
-    let unmarked = Daemon::start(&ns, &[&["-l", "127.0.0.1:8444"][..], &common].concat());
+    let unmarked = Daemon::start(&ns, &[&["-l", "127.0.0.1:8444"][..], &common[..]].concat());
     ns.run(async {
         let backend = UdpBackend::start("127.0.0.2:9000").await;
         let lb = balancer("127.0.0.1:0").await;
@@ -645,7 +659,6 @@ fn mark_is_set_on_upstream_sockets() {
 
 /// One client cannot hold more than its share of the table: its next new
 /// flow is dropped and counted, other clients still get sessions.
-#[test]
 fn one_client_cannot_take_the_whole_session_table() {
     let Some(ns) = netns_or_skip("one_client_cannot_take_the_whole_session_table") else {
         return;
@@ -686,7 +699,6 @@ fn one_client_cannot_take_the_whole_session_table() {
 /// With --dynamic-destination one client talking to two services gets a
 /// session for each, so every datagram reaches the destination its header
 /// named.
-#[test]
 fn dynamic_destinations_are_separate_sessions() {
     let Some(ns) = netns_or_skip("dynamic_destinations_are_separate_sessions") else {
         return;
@@ -714,3 +726,29 @@ fn dynamic_destinations_are_separate_sessions() {
         assert_eq!(second.seen()[0].from.ip(), client.ip());
     });
 }
+
+udp_in_both_modes!(
+    round_trip_ipv4_client_is_spoofed,
+    round_trip_ipv6_client_is_spoofed,
+    replies_leave_from_the_address_the_balancer_sent_to,
+    two_clients_behind_one_frontend_address_are_kept_apart_ipv4,
+    two_clients_behind_one_frontend_address_are_kept_apart_ipv6,
+    first_datagram_mode_maps_headerless_datagrams_ipv4,
+    first_datagram_mode_maps_headerless_datagrams_ipv6,
+    every_mode_drops_headerless_datagrams,
+    idle_sessions_expire_after_close_after,
+    session_cap_closes_the_least_recently_used,
+    icmp_port_unreachable_then_backend_back_ipv4,
+    icmp_port_unreachable_then_backend_back_ipv6,
+    ten_thousand_sessions,
+    bad_and_missing_headers_are_counted_and_dropped_while_good_traffic_flows,
+    local_header_forwards_without_spoofing,
+    large_datagrams_pass_whole,
+    listeners_share_one_session_table,
+    allowed_subnets_drop_other_balancers,
+    client_port_in_use_falls_back_or_is_refused,
+    tcp_and_udp_in_one_process_on_one_address,
+    mark_is_set_on_upstream_sockets,
+    one_client_cannot_take_the_whole_session_table,
+    dynamic_destinations_are_separate_sessions,
+);

@@ -20,7 +20,7 @@ use std::{
 };
 
 use lru::LruCache;
-use tokio::net::UdpSocket;
+use tokio::{io::Interest, net::UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -207,18 +207,18 @@ impl Session {
     }
 
     /// Adds what the kernel did for this session since the last call to
-    /// the counters; a session with new kernel traffic counts as active.
-    /// Returns whether there was any.
+    /// the counters; traffic either way keeps it from going idle, as in
+    /// userspace. Returns whether the balancer sent any (what orders the
+    /// table for eviction).
     pub fn sync_kernel(&self, now_ms: u64) -> bool {
         let Some(counts) = self.offload_slot().as_ref().map(Offload::take_new_counts) else {
             return false;
         };
         add_kernel_counts(&self.stats, &counts);
-        let active = counts.forwarded > 0 || counts.replied > 0;
-        if active {
+        if counts.forwarded > 0 || counts.replied > 0 {
             self.touch(now_ms);
         }
-        active
+        counts.forwarded > 0
     }
 
     /// The balancer address of an offloaded session.
@@ -251,12 +251,21 @@ impl Session {
 
     async fn relay_replies(self: Arc<Self>, stats: Arc<UdpStats>) {
         loop {
-            tokio::select! {
+            // Errors too: in ebpf mode the kernel forwards the flow and no
+            // send of ours would pick up an ICMP error the backend caused.
+            let ready = tokio::select! {
                 () = self.closed.cancelled() => return,
-                ready = self.upstream.readable() => if let Err(e) = ready {
-                    self.fail(&stats, &e);
-                    return;
+                ready = self.upstream.ready(Interest::READABLE | Interest::ERROR) => match ready {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        self.fail(&stats, &e);
+                        return;
+                    }
                 },
+            };
+            if ready.is_error() && !ready.is_readable() {
+                self.take_error(&stats);
+                continue;
             }
             loop {
                 match self.read_and_reply(&stats) {
@@ -282,6 +291,21 @@ impl Session {
             }
             self.touch(self.clock.now_ms());
         }
+    }
+
+    /// Reads and clears the socket's pending error (`SO_ERROR`): an ICMP
+    /// error from the backend's path is counted, as a failed send counts
+    /// it; any other fails the session.
+    fn take_error(&self, stats: &UdpStats) {
+        let _ = self.upstream.try_io(Interest::ERROR, || {
+            match self.upstream.take_error() {
+                Ok(Some(e)) if is_icmp_error(&e) => inc(&stats.upstream_unreachable),
+                Ok(Some(e)) => self.fail(stats, &e),
+                Ok(None) | Err(_) => {}
+            }
+            // Clears tokio's error readiness until the next error.
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
     }
 
     fn read_and_reply(&self, stats: &UdpStats) -> ReplyStep {
@@ -417,6 +441,9 @@ impl SessionTable {
             session.close();
             return (existing, Vec::new());
         }
+        if !inner.sessions.contains(&session.key) && inner.sessions.len() >= self.capacity {
+            inner.refresh_least_recent();
+        }
         let mut evicted = Vec::new();
         match inner.sessions.put(session.key, session.clone()) {
             Some(old) => old.close(),
@@ -491,6 +518,22 @@ impl SessionTable {
 }
 
 impl Inner {
+    /// ebpf mode: before the least recently used session is evicted, asks
+    /// the kernel whether the balancer has used it (or the next ones)
+    /// since the daemon last looked, and moves those up. Each session is
+    /// asked once; a session with no kernel path answers no at once.
+    fn refresh_least_recent(&mut self) {
+        for _ in 0..self.sessions.len() {
+            let Some((&key, lru)) = self.sessions.peek_lru() else {
+                return;
+            };
+            if !lru.sync_kernel(lru.clock.now_ms()) {
+                return;
+            }
+            self.sessions.promote(&key);
+        }
+    }
+
     /// Keeps `per_client` in step with `sessions`.
     fn count(&mut self, key: &SessionKey, added: bool) {
         let Some(client) = key.client else { return };
