@@ -134,10 +134,12 @@ pub struct UdpConfig {
     /// Non-zero for `--udp-header first`: a known flow's datagrams carry
     /// no header and are forwarded as they are.
     pub header_first: u32,
-    /// Non-zero when `net.ipv4.conf.lo.route_localnet` is 1, so an IPv4
-    /// datagram redirected from another device to `lo` may reach 127/8.
-    /// Without it such datagrams go to userspace.
-    pub lo_route_localnet: u32,
+    /// Non-zero when `lo` takes an IPv4 datagram for 127/8 redirected to
+    /// it from another device: `net.ipv4.conf.lo.route_localnet` (else the
+    /// destination is martian) and `accept_local` (else the source check,
+    /// whose reverse lookup from 127/8 hits table 123's local route, fails)
+    /// are both 1. Without them such datagrams go to userspace.
+    pub lo_localnet: u32,
     /// Where `ip_summed` lives in `struct sk_buff` (byte offset, and the
     /// bit shift within it), from BTF. The program must know whether the
     /// stack has verified the checksum it is about to replace.
@@ -171,7 +173,7 @@ pub enum UdpCounter {
     /// A checksum that did not verify: userspace's socket drops it.
     PassedBadChecksum = 6,
     /// An IPv4 datagram from another device for a 127/8 backend, while
-    /// `lo` has no `route_localnet`.
+    /// `lo` lacks `route_localnet` or `accept_local`.
     PassedLocalnet = 7,
     /// A reply larger than the balancer device's MTU: the daemon's socket
     /// relays it (and the kernel fragments it there).

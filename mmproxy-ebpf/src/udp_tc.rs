@@ -669,8 +669,9 @@ fn forward6_as_is(
 }
 
 /// Why an IPv4 datagram cannot be delivered to a 127/8 backend from the
-/// device it arrived on: the stack drops 127/8 arriving on `lo` without a
-/// route as martian unless `lo` has `route_localnet`.
+/// device it arrived on: redirected to `lo` without a route, the stack
+/// drops it as martian unless `lo` has `route_localnet` and `accept_local`
+/// (`UdpConfig::lo_localnet`).
 fn cannot_reach_backend4(
     ctx: &TcContext,
     config: &UdpConfig,
@@ -678,7 +679,7 @@ fn cannot_reach_backend4(
 ) -> Option<UdpCounter> {
     let arrived_on_lo = device_ifindex(ctx) == LOOPBACK_IFINDEX;
     let loopback_backend = action.backend.addr[12] == 127;
-    (!arrived_on_lo && loopback_backend && config.lo_route_localnet == 0)
+    (!arrived_on_lo && loopback_backend && config.lo_localnet == 0)
         .then_some(UdpCounter::PassedLocalnet)
 }
 

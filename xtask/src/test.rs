@@ -34,6 +34,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/ss", "iproute2"),
     ("/usr/bin/prlimit", "util-linux"),
     ("/usr/sbin/sysctl", "procps"),
+    // The UDP kernel path's veth tests turn checksum offload off, so a
+    // wrong checksum is dropped by the receiver instead of excused.
+    ("/usr/sbin/ethtool", "ethtool"),
     // The TPROXY recipe's test (examples/tproxy.md).
     ("/usr/sbin/nft", "nftables"),
     // The peer the benchmark smoke runs beside mmproxy.

@@ -103,7 +103,7 @@ pub struct UdpDatapath {
     counters: PerCpuArray<MapData, u64>,
     devices: Vec<String>,
     attach: &'static str,
-    lo_route_localnet: bool,
+    lo_localnet: bool,
 }
 
 impl std::fmt::Debug for UdpDatapath {
@@ -129,7 +129,7 @@ impl UdpDatapath {
             return Err(UdpLoadError::NotBuilt);
         }
         let (ip_summed_offset, ip_summed_shift) = ip_summed_bits()?;
-        let lo_route_localnet = lo_route_localnet();
+        let lo_localnet = lo_localnet();
         let entries = opts.max_sessions.max(1);
         let mut ebpf = EbpfLoader::new()
             .btf(None)
@@ -144,7 +144,7 @@ impl UdpDatapath {
                 0,
                 UdpConfig {
                     header_first: u32::from(opts.header_first),
-                    lo_route_localnet: u32::from(lo_route_localnet),
+                    lo_localnet: u32::from(lo_localnet),
                     ip_summed_offset,
                     ip_summed_shift,
                     valid: 1,
@@ -168,7 +168,7 @@ impl UdpDatapath {
             counters,
             devices,
             attach,
-            lo_route_localnet,
+            lo_localnet,
         })
     }
 
@@ -182,9 +182,10 @@ impl UdpDatapath {
         self.attach
     }
 
-    /// Whether `lo` accepts 127/8 from other devices (see `UdpConfig`).
-    pub fn lo_route_localnet(&self) -> bool {
-        self.lo_route_localnet
+    /// Whether `lo` takes IPv4 datagrams for 127/8 redirected from other
+    /// devices (see `UdpConfig::lo_localnet`).
+    pub fn lo_localnet(&self) -> bool {
+        self.lo_localnet
     }
 
     /// Writes a session into the maps: forward and reply entries first,
@@ -322,9 +323,12 @@ fn ip_summed_bits() -> Result<(u32, u32), UdpLoadError> {
     Ok((bits / 8, bits % 8))
 }
 
-/// `net.ipv4.conf.lo.route_localnet` in this network namespace.
-pub fn lo_route_localnet() -> bool {
-    read_flag(Path::new("/proc/sys/net/ipv4/conf/lo/route_localnet"))
+/// Whether `net.ipv4.conf.lo.route_localnet` and `accept_local` are both
+/// 1 in this network namespace.
+pub fn lo_localnet() -> bool {
+    ["route_localnet", "accept_local"]
+        .iter()
+        .all(|name| read_flag(&Path::new("/proc/sys/net/ipv4/conf/lo").join(name)))
 }
 
 fn read_flag(path: &Path) -> bool {

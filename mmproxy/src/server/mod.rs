@@ -463,10 +463,11 @@ fn udp_kernel_path(config: &Config) -> Result<Option<Arc<KernelPath>>, StartErro
              killed daemon leaves behind (tc filter del dev DEVICE ingress)"
         );
     }
-    if !datapath.lo_route_localnet() && config.target4.ip().is_loopback() {
+    if !datapath.lo_localnet() && config.target4.ip().is_loopback() {
         info!(
-            "udp: net.ipv4.conf.lo.route_localnet is 0: IPv4 datagrams arriving on devices other \
-             than lo take the userspace path to the 127/8 backend (set it to 1 for the kernel path)"
+            "udp: net.ipv4.conf.lo.route_localnet and accept_local are not both 1: IPv4 datagrams \
+             arriving on devices other than lo take the userspace path to the 127/8 backend (set \
+             both to 1 for the kernel path; they concern only what arrives on lo)"
         );
     }
     Ok(Some(Arc::new(kernel)))
