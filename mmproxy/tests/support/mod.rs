@@ -166,7 +166,7 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The README's routing: replies to spoofed sources are delivered
+    /// The routing of docs/configuration.md: replies to spoofed sources are delivered
     /// locally.
     pub fn add_routing(&self) {
         self.add_routing_v4();

@@ -591,7 +591,8 @@ fn mmproxy_rs_binary() -> PathBuf {
     workspace_root().join(MMPROXY_RS).join("bin/mmproxy")
 }
 
-/// The benchmark's namespace: loopback and the README's policy routing.
+/// The benchmark's namespace: loopback and the policy routing of
+/// docs/configuration.md.
 /// Deleted on drop.
 struct Namespace {
     name: String,
