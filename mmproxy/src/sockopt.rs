@@ -124,7 +124,7 @@ pub fn send_queue_bytes(fd: &impl AsRawFd) -> io::Result<u64> {
 /// those acknowledgments before it reads again, neither side ever moves.
 /// A smaller scale makes that window of bytes small enough (32 bytes at
 /// scale 5) that the acknowledgments carry `snd_una` instead, which the
-/// peer accepts. docs/ebpf-datapath.md, "The stall, reproduced".
+/// peer accepts. docs/ebpf-findings.md, "The stall, reproduced".
 pub fn set_window_clamp(fd: &impl AsRawFd, bytes: u32) -> io::Result<()> {
     let bytes = i32::try_from(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     set_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)

@@ -1,6 +1,6 @@
 //! A backend that retracts its TCP window must not deadlock a connection.
 //!
-//! The kernel side (docs/ebpf-datapath.md, "The stall, reproduced"): a
+//! The kernel side (docs/ebpf-findings.md, "The stall, reproduced"): a
 //! receiver whose memory runs out inside its advertised window retracts
 //! the window to zero ("tcp: correct handling of extreme memory squeeze").
 //! If fewer than 2^scale bytes of the sender are then in flight beyond

@@ -5,10 +5,10 @@
 //! Wrong bytes with a clean end always fail, and so do resets and stalls
 //! (`MMPROXY_SOAK_LOUD_ALLOWED`, default 0, lets a run tolerate some).
 //! Before the directions were coupled about 1 run in 90 stalled; after
-//! it, 2 in 640 (docs/ebpf-datapath.md). The traced stall is a kernel
-//! deadlock that the upstream window clamp (session 9,
+//! it, 2 in 640 (docs/ebpf-findings.md). The traced stall is a kernel
+//! deadlock that the upstream window clamp (2026-12-03,
 //! tests/retraction.rs) avoids: 0 loud failures in 700 long runs since,
-//! so CI's batch tolerated one until session 10 and tolerates none now.
+//! so CI's batch tolerated one until then and tolerates none now.
 //!
 //! `MMPROXY_SOAK_RUNS` sets the number of full-duplex 1 GiB runs (default
 //! 20, what `cargo xtask test` runs; `cargo xtask soak` runs more),
@@ -67,7 +67,7 @@ fn ebpf_full_duplex_1gib_echo_soak() {
         env_runs("MMPROXY_SOAK_LOUD_ALLOWED", 0),
     );
     // Each run outlives the warm-up (--ebpf-arm-after-ms) by far and is
-    // armed in the middle of its flood (100 of 100 in session 10); a run
+    // armed in the middle of its flood (100 of 100 in the soaks of 2026-12-03); a run
     // never armed would test the warm-up's copying instead of the kernel
     // path, so this soak demands nine in ten.
     if counters.contains("connections_armed") {
@@ -114,7 +114,7 @@ fn ebpf_pass_redirect_flips_soak() {
         "{episodes} PASS episodes in {runs} connections: the switch was not exercised"
     );
     // While one direction passes, the other does not redirect into the
-    // same socket (coupled directions, docs/ebpf-datapath.md), so many
+    // same socket (docs/ebpf-datapath.md, "The two directions are coupled"), so many
     // episodes end without a redirect; the kernel path must still carry
     // skbs, at least one per connection on average (measured: 3-8).
     assert!(
@@ -325,7 +325,7 @@ fn ebpf_reply_racing_the_arming_stays_in_order() {
         "connections with a wrong reply (index, bytes): {bad:?}"
     );
     // With a single-step arming, this window made redirects fail (20 of
-    // 20 connections in session 2).
+    // 20 connections on 2026-11-22).
     assert!(
         counters.contains("(\"redirect_failures\", 0)"),
         "{counters}"

@@ -83,7 +83,8 @@ const FILES: &[(&str, &str, u32)] = &[
 const CONFFILES: &str = "/etc/default/mmproxy\n/etc/mmproxy/allowed-subnets\n";
 
 /// The unit is not enabled on install: its flags name a backend the
-/// operator has to choose first (README, "Upgrading from go-mmproxy").
+/// operator has to choose first (docs/operations.md, "Upgrading from
+/// go-mmproxy").
 const POSTINST: &str = "#!/bin/sh
 set -e
 if [ -d /run/systemd/system ]; then

@@ -3,9 +3,9 @@
 //! retransmission while the soak runs, and prints how many of each.
 //!
 //! kprobes are not available on the project's machines; tracepoints are.
-//! This is how session 8 traced a stall to a backend dropping the upstream
-//! socket's segments as beyond its window (docs/ebpf-datapath.md, "The
-//! stall, traced"). Tracepoints see the whole machine, not one network
+//! This is how a stall was traced (2026-12-03) to a backend dropping the
+//! upstream socket's segments as beyond its window (docs/ebpf-findings.md,
+//! "The stall, traced"). Tracepoints see the whole machine, not one network
 //! namespace: run it on a machine doing nothing else.
 
 use std::{

@@ -166,7 +166,7 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The README's routing: replies to spoofed sources are delivered
+    /// The routing of docs/configuration.md: replies to spoofed sources are delivered
     /// locally.
     pub fn add_routing(&self) {
         self.add_routing_v4();
@@ -954,7 +954,7 @@ pub async fn echo_verified_with_pauses(
     let mut received = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     // A connection that trickles a few bytes per window probe never
-    // trips the 30 s idle limit; seen in a CI soak (docs/ebpf-datapath.md).
+    // trips the 30 s idle limit; seen in a CI soak (docs/ebpf-findings.md).
     let deadline = Instant::now() + Duration::from_secs(30 + total / 10_000_000);
     let end = loop {
         if Instant::now() > deadline {

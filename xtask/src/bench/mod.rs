@@ -142,8 +142,8 @@ impl Workload {
     /// round-robin (repeat 1 of each, then repeat 2, ...), so a ratio
     /// between them is measured side by side: the ephemeral-port row is
     /// judged against the default connection row. Run apart, they were
-    /// minutes apart and the ratio moved with the VM (session 7's run said
-    /// ephemeral 0.90x the default; six interleaved pairs by hand later,
+    /// minutes apart and the ratio moved with the VM (the run of 2026-12-03,
+    /// eedf310, said ephemeral 0.90x the default; six interleaved pairs by hand later,
     /// 0.99x).
     const GROUPS: [&'static [Workload]; 6] = [
         &[Workload::Flood],
@@ -322,7 +322,7 @@ pub(crate) fn bench(opts: &Options) -> Result<()> {
                 // A fresh namespace per repeat: the connection rows leave
                 // thousands of TIME_WAIT sockets behind, which slowed every
                 // later connection row when one namespace served the run
-                // (session 7: plain 3,065 connections/s late in a shared
+                // (2026-12-02: plain 3,065 connections/s late in a shared
                 // namespace, 4,137-9,988 in fresh ones).
                 let ns = Namespace::create()?;
                 let sample = run_cell(&ns, &binaries, subject, workload, seconds)
@@ -591,7 +591,8 @@ fn mmproxy_rs_binary() -> PathBuf {
     workspace_root().join(MMPROXY_RS).join("bin/mmproxy")
 }
 
-/// The benchmark's namespace: loopback and the README's policy routing.
+/// The benchmark's namespace: loopback and the policy routing of
+/// docs/configuration.md.
 /// Deleted on drop.
 struct Namespace {
     name: String,
