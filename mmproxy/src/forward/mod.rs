@@ -29,9 +29,9 @@ use tracing::info;
 
 use crate::{
     bpf::{Datapath, LoadError},
-    config::Mode,
     error::Side,
     limits::IdleWatch,
+    options::Mode,
 };
 
 /// A proxied connection, ready to forward.

@@ -28,8 +28,9 @@ use self::{
     stats::{UdpStats, inc},
 };
 use crate::{
-    config::{AllowedSubnets, Config, UdpHeaderMode},
+    config::{AllowedSubnets, Config},
     error::error_chain,
+    options::UdpHeaderMode,
     policy::{LogLimiter, REFUSAL_LOG_INTERVAL, Route},
     proxy_protocol::{self, Status, Transport},
     upstream::{self, UpstreamOptions},
