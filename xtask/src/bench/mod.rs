@@ -11,6 +11,7 @@
 //! across runs.
 
 mod report;
+mod stats;
 mod targets;
 
 use std::{

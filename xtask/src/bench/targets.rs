@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use super::{
     Results, Subject, Workload,
-    report::{best_peer, cpu_median, median_of, ratio, rss_median},
+    stats::{best_peer, cpu_median, median_of, ratio, rss_median},
 };
 
 /// Which side of the bound passes.
