@@ -134,7 +134,10 @@ pub async fn run(
     let routes = Arc::new(RouteOwner::default());
     // A successor takes the routing over once its predecessor lets go.
     if config.setup_routes && predecessor.is_none() {
-        routes.take_over(&config).await?;
+        routes
+            .take_over(&config)
+            .await
+            .map_err(StartError::Routes)?;
     }
     let serving = Serving {
         config: &config,
@@ -354,7 +357,12 @@ impl Serving<'_> {
         if !self.config.setup_routes {
             return;
         }
-        if let Err(e) = self.routes.take_over(self.config).await {
+        if let Err(e) = self
+            .routes
+            .take_over(self.config)
+            .await
+            .map_err(StartError::Routes)
+        {
             warn!(error = %error_chain(&e), "upgrade: cannot take over the --setup-routes routing; it stays in place but will not be removed at exit");
         }
     }
