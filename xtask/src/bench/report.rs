@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
 use super::{
-    Results, Sample, Subject, Workload,
+    cells::{Results, Sample, Subject, Workload},
     stats::{Spread, best_peer, median_of, metric, peak_rss_mib, ratio, spread},
 };
 

@@ -1,7 +1,7 @@
 //! Medians and spreads of one run's samples, per cell (workload, subject):
 //! what the report's tables and the targets' verdicts are computed from.
 
-use super::{Results, Sample, Subject, Workload};
+use super::cells::{Results, Sample, Subject, Workload};
 
 /// Median, min and max of one metric over a cell's repeats.
 #[derive(Debug, Clone, Copy)]
