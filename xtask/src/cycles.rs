@@ -7,16 +7,19 @@
 //! `super`, `self` or the name of one of the module's children; paths into
 //! other crates are not looked at.
 //!
-//! The rule, checked at every level of the tree: among the children of one
-//! module (the top-level modules are the crate root's children), none
-//! reaches back to itself. A child stands for everything under it, so
-//! `config` using `forward::sockmap` is the edge `config -> forward`. A
-//! module may use its parent's items and the parent its children's (a
-//! parent is its children's facade and often holds what they share);
-//! those are not edges between siblings and are not judged here.
+//! The rule, checked at every module of the tree: take the module's own
+//! items as one node and each of its children, with everything under it,
+//! as one node each; no node may reach back to itself. At the crate root
+//! that means no loop among the top-level modules (`config` using
+//! `forward::sockmap` is the edge `config -> forward`). Below it, it also
+//! means that a child does not use its parent's items while the parent
+//! uses that child: what a parent and its children share lives in a child
+//! of its own, below them (`forward/contract.rs`, `bench/cells.rs`).
 //!
 //! Test modules count like any other: a `#[cfg(test)]` module that reaches
-//! a module above its parent's layer closes a cycle too.
+//! a module above its parent's layer closes a loop too. A loop that is
+//! known and not yet undone is listed in [`KNOWN_LOOPS`]; it must still be
+//! there, so that the list cannot go stale.
 //!
 //! It reads text, not resolved names: a `use` of a glob or an import under
 //! another name is followed to the module it names, an item re-exported is
@@ -44,6 +47,14 @@ const CRATES: &[&str] = &[
     "mmproxy-ebpf",
 ];
 
+/// Loops known and not yet undone, by crate and members (sorted).
+const KNOWN_LOOPS: &[(&str, &[&str])] = &[
+    // udp::session takes MAX_DATAGRAM from udp/mod.rs, which dispatches to
+    // it. udp/ is being reworked elsewhere; moving the constant below both
+    // (frontend.rs receives datagrams of that size) ends the loop.
+    ("mmproxy", &["udp", "udp::session"]),
+];
+
 pub(crate) fn cycles() -> Result<()> {
     let root = workspace_root();
     let mut found = Vec::new();
@@ -55,17 +66,51 @@ pub(crate) fn cycles() -> Result<()> {
                 tree.modules.len(),
                 tree.references.len()
             );
-            found.extend(tree.cycles());
+            found.extend(tree.cycles().into_iter().map(|c| (*name, c)));
         }
     }
-    if found.is_empty() {
-        println!("no import cycle");
+    for (name, known) in &found {
+        if is_known(name, known, KNOWN_LOOPS) {
+            println!("known, not yet undone: {name}: {known}");
+        }
+    }
+    let problems = judge(&found, KNOWN_LOOPS);
+    if problems.is_empty() {
+        println!("no import loop besides the known ones");
         return Ok(());
     }
-    for cycle in &found {
-        eprintln!("{cycle}");
+    for problem in &problems {
+        eprintln!("{problem}");
     }
-    bail!("{} import cycle(s)", found.len())
+    bail!("{} problem(s) with import loops", problems.len())
+}
+
+fn is_known(name: &str, cycle: &Cycle, known: &[(&str, &[&str])]) -> bool {
+    known.iter().any(|(crate_name, members)| {
+        *crate_name == name && cycle.members.iter().eq(members.iter().copied())
+    })
+}
+
+/// Every loop `known` does not list, and every listed loop that is no
+/// longer found, as messages: none when the workspace keeps the rule.
+fn judge(found: &[(&str, Cycle)], known: &[(&str, &[&str])]) -> Vec<String> {
+    let mut problems: Vec<String> = found
+        .iter()
+        .filter(|(name, cycle)| !is_known(name, cycle, known))
+        .map(|(name, cycle)| format!("{name}: {cycle}"))
+        .collect();
+    for (name, members) in known {
+        let still_there = found
+            .iter()
+            .any(|(n, c)| n == name && c.members.iter().eq(members.iter().copied()));
+        if !still_there {
+            problems.push(format!(
+                "{name}: the known loop {} is gone: remove it from KNOWN_LOOPS",
+                members.join(", ")
+            ));
+        }
+    }
+    problems
 }
 
 /// A module's path from its crate root: `["forward", "sockmap"]`.
@@ -98,7 +143,8 @@ struct Written {
     file: PathBuf,
 }
 
-/// Siblings (children of `parent`) that reach each other.
+/// Nodes at `parent`'s level (its own items, its children) that reach
+/// each other.
 #[derive(Debug)]
 struct Cycle {
     parent: ModPath,
@@ -112,7 +158,7 @@ impl fmt::Display for Cycle {
         let members: Vec<&str> = self.members.iter().map(String::as_str).collect();
         writeln!(
             f,
-            "import cycle among the children of `{}`: {}",
+            "import loop in `{}` (its own items, its children): {}",
             display_path(&self.parent),
             members.join(", ")
         )?;
@@ -214,15 +260,22 @@ impl ModuleTree {
             .collect()
     }
 
+    /// The loops among `parent` (its own items) and its children (each
+    /// standing for everything under it).
     fn cycles_among_children(&self, parent: &ModPath, children: &BTreeSet<String>) -> Vec<Cycle> {
-        // The child of `parent` that `path` lies under, if any.
-        let child_of = |path: &ModPath| -> Option<String> {
-            (path.len() > parent.len() && path.starts_with(parent))
-                .then(|| path[parent.len()].clone())
+        // The node that `path` counts as at this level, if it is one.
+        let node_of = |path: &ModPath| -> Option<String> {
+            if path == parent {
+                Some(display_path(parent))
+            } else if path.len() > parent.len() && path.starts_with(parent) {
+                Some(display_path(&path[..=parent.len()]))
+            } else {
+                None
+            }
         };
         let mut edges: BTreeMap<(String, String), Vec<&Reference>> = BTreeMap::new();
         for r in &self.references {
-            if let (Some(a), Some(b)) = (child_of(&r.from), child_of(&r.to))
+            if let (Some(a), Some(b)) = (node_of(&r.from), node_of(&r.to))
                 && a != b
             {
                 edges.entry((a, b)).or_default().push(r);
@@ -233,13 +286,18 @@ impl ModuleTree {
                 g.entry(a.as_str()).or_default().insert(b.as_str());
                 g
             });
+        let nodes = std::iter::once(display_path(parent)).chain(children.iter().map(|c| {
+            let mut child = parent.clone();
+            child.push(c.clone());
+            display_path(&child)
+        }));
         let mut cycles = Vec::new();
         let mut placed = BTreeSet::new();
-        for child in children {
-            if placed.contains(child.as_str()) {
+        for node in nodes {
+            if placed.contains(&node) {
                 continue;
             }
-            let members = strongly_connected(&graph, child);
+            let members = strongly_connected(&graph, &node);
             placed.extend(members.iter().cloned());
             if members.len() > 1 {
                 let evidence = edges
@@ -555,13 +613,13 @@ mod tests {
             members(&t.cycles()),
             [(
                 "bench".to_owned(),
-                vec!["report".to_owned(), "targets".to_owned()]
+                vec!["bench::report".to_owned(), "bench::targets".to_owned()]
             )]
         );
     }
 
     #[test]
-    fn parent_and_child_may_use_each_other() {
+    fn a_child_using_its_parent_that_uses_it_is_a_loop() {
         let t = tree(&[
             ("lib.rs", "mod forward; mod error;"),
             (
@@ -574,8 +632,43 @@ mod tests {
             ),
             ("error.rs", "pub enum Side {}"),
         ]);
-        assert!(t.cycles().is_empty(), "{:?}", members(&t.cycles()));
         assert_eq!(t.references.len(), 4, "{:#?}", t.references);
+        assert_eq!(
+            members(&t.cycles()),
+            [(
+                "forward".to_owned(),
+                vec!["forward".to_owned(), "forward::splice".to_owned()]
+            )]
+        );
+    }
+
+    #[test]
+    fn what_a_parent_and_its_children_share_may_live_in_a_child_below_them() {
+        let t = tree(&[
+            ("lib.rs", "mod forward;"),
+            (
+                "forward/mod.rs",
+                "mod contract; mod splice; pub use contract::Connection; fn f() { splice::run() }",
+            ),
+            ("forward/contract.rs", "pub struct Connection;"),
+            ("forward/splice.rs", "use super::contract::Connection;"),
+        ]);
+        assert!(t.cycles().is_empty(), "{:?}", members(&t.cycles()));
+    }
+
+    #[test]
+    fn a_known_loop_passes_only_while_it_is_there() {
+        let looped = tree(&[
+            ("lib.rs", "mod a; mod b;"),
+            ("a.rs", "use crate::b::X;"),
+            ("b.rs", "use crate::a::Y;"),
+        ]);
+        let found: Vec<_> = looped.cycles().into_iter().map(|c| ("k", c)).collect();
+        assert!(judge(&found, &[("k", &["a", "b"])]).is_empty());
+        assert_eq!(judge(&found, &[]).len(), 1);
+        assert_eq!(judge(&found, &[("other", &["a", "b"])]).len(), 2);
+        let gone = judge(&[], &[("k", &["a", "b"])]);
+        assert!(gone[0].contains("is gone"), "{gone:?}");
     }
 
     #[test]
@@ -617,7 +710,7 @@ mod tests {
 
     /// The workspace's own crates: the check this module exists for.
     #[test]
-    fn the_workspace_has_no_import_cycle() {
+    fn the_workspace_has_no_import_loop_besides_the_known_ones() {
         let root = workspace_root();
         let mut found = Vec::new();
         for name in CRATES {
@@ -627,9 +720,10 @@ mod tests {
                     "{}: modules but no references read",
                     tree.root_file.display()
                 );
-                found.extend(tree.cycles().iter().map(ToString::to_string));
+                found.extend(tree.cycles().into_iter().map(|c| (*name, c)));
             }
         }
-        assert!(found.is_empty(), "{}", found.join("\n"));
+        let problems = judge(&found, KNOWN_LOOPS);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 }

@@ -31,8 +31,8 @@ enum Task {
     Run(run::Options),
     /// Format check, clippy with warnings denied, and every test.
     Test(test::Options),
-    /// Fail on an import cycle among the modules of any crate (the
-    /// children of one module must not use each other in a circle).
+    /// Fail on an import loop among the modules of any crate: at every
+    /// module, between its own items and its children.
     Cycles,
     /// Run the PROXY protocol parser fuzzer for a bounded time.
     Fuzz(fuzz::Options),
