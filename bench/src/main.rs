@@ -11,7 +11,8 @@ mod workload;
 
 use std::{net::SocketAddr, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use workload::HeaderKind;
 
 #[derive(Debug, Parser)]
 #[command(name = "mmproxy-bench")]
@@ -31,13 +32,6 @@ struct Cli {
     seconds: f64,
     #[command(subcommand)]
     workload: Workload,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum HeaderKind {
-    None,
-    V1,
-    V2,
 }
 
 #[derive(Debug, Subcommand)]

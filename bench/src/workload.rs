@@ -19,7 +19,15 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{HeaderKind, backend::SinkCounter};
+use crate::backend::SinkCounter;
+
+/// The PROXY header each connection or datagram starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum HeaderKind {
+    None,
+    V1,
+    V2,
+}
 
 /// What every workload is given.
 #[derive(Debug, Clone, Copy)]

@@ -11,8 +11,9 @@ use std::{
 
 use crate::{
     bpf::Datapath,
-    config::{Config, Mode, SourcePortPolicy},
+    config::Config,
     error::error_chain,
+    options::{Mode, SourcePortPolicy},
     routing::{Piece, Routing},
     upstream::{self, UpstreamOptions},
 };

@@ -10,7 +10,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf};
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
-use crate::config::{Mode, Protocols, SourcePortPolicy, UdpHeaderMode};
+use crate::options::{Mode, Protocols, SourcePortPolicy, UdpHeaderMode};
 use crate::policy::{DestinationRule, parse_net};
 
 /// Preserves client addresses behind PROXY-protocol load balancers.

@@ -7,12 +7,12 @@ use std::{
     time::Duration,
 };
 
-use clap::ValueEnum;
 use ipnet::IpNet;
 
 use crate::{
     cli::Cli,
     forward::sockmap::EbpfOptions,
+    options::{Mode, Protocols, SourcePortPolicy, UdpHeaderMode},
     policy::{Policy, SourceOverrides, parse_net},
     routing::RoutingSpec,
     upstream::UpstreamOptions,
@@ -169,36 +169,6 @@ impl Config {
                 .iter()
                 .any(|a| !a.ip().to_canonical().is_loopback())
     }
-}
-
-/// Which UDP datagrams carry a PROXY header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum UdpHeaderMode {
-    Every,
-    First,
-}
-
-/// Which protocols to serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Protocols {
-    pub tcp: bool,
-    pub udp: bool,
-}
-
-/// The TCP data path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    Auto,
-    Ebpf,
-    Plain,
-}
-
-/// What to do when the client's source port cannot be used upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SourcePortPolicy {
-    Fallback,
-    Strict,
-    Ephemeral,
 }
 
 /// Why the configuration was refused.

@@ -3,6 +3,7 @@
 //! # Layout
 //! The path of a TCP connection, in the order it meets the modules:
 //! - [`cli`], [`config`]: flags (go-mmproxy compatible) become a [`config::Config`].
+//!   [`options`] names the choices among them that the subsystems act on.
 //! - [`server`]: opens the listeners (or takes them over: [`activation`]
 //!   from systemd, [`upgrade`] from the instance it replaces), runs until
 //!   shutdown, drains.
@@ -34,6 +35,7 @@ pub mod forward;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod options;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod routing;

@@ -11,7 +11,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 
-use crate::{config::SourcePortPolicy, error::Side, sockopt};
+use crate::{error::Side, options::SourcePortPolicy, sockopt};
 
 /// How upstream sockets are made.
 #[derive(Debug, Clone, Copy)]

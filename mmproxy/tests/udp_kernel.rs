@@ -150,7 +150,7 @@ fn stop(mut d: Daemon) -> (String, String) {
 
 fn payload(round: usize) -> Vec<u8> {
     let len = SIZES[round % SIZES.len()];
-    (0..len).map(|i| (i * 7 + round) as u8).collect()
+    (0..len).map(|i| (i * 7 + round).to_le_bytes()[0]).collect()
 }
 
 /// A flow of `rounds` echoes through the proxy from the balancer's
@@ -271,8 +271,8 @@ fn a_datagram_larger_than_the_mtu_arrives_whole_both_ways() {
     topo.balancer.run(async move {
         let lb = UdpSocket::bind(BALANCER4).await.unwrap();
         let hdr = header::v2_dgram(sa(client), sa(PROXY4));
-        for (round, len) in [64, 3000, 64, 3000].into_iter().enumerate() {
-            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        for (round, len) in [64usize, 3000, 64, 3000].into_iter().enumerate() {
+            let body: Vec<u8> = (0..len).map(|i| (i % 251).to_le_bytes()[0]).collect();
             let (reply, _) = exchange(&lb, sa(PROXY4), &datagram(&hdr, &body)).await;
             assert_eq!(reply, body, "round {round}, {len} bytes");
         }

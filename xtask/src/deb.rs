@@ -4,7 +4,9 @@
 //!
 //! - `/usr/bin/mmproxy`, stripped; the BPF object is inside (the daemon's
 //!   build script embeds it);
-//! - the systemd units of `examples/` (the socket unit as an example);
+//! - the systemd units of `examples/`, `mmproxy.service` and
+//!   `mmproxy.socket`, in `/lib/systemd/system`, neither enabled (as
+//!   openssh-server ships `ssh.socket`);
 //! - `/etc/default/mmproxy` and `/etc/mmproxy/allowed-subnets`, conffiles;
 //! - a man page and bash, zsh and fish completions, generated from the
 //!   daemon's own flag definitions (`mmproxy generate ...`).
@@ -16,8 +18,9 @@
 //! hardened unit: dynamic user, capabilities, `Type=notify`), a proxied
 //! request whose backend sees the header's client, an upgrade in place
 //! with SIGUSR2 (systemd follows the new main PID), `systemctl stop`
-//! (the routing goes), removal and purge. The host's own root and
-//! network are never written.
+//! (the routing goes), `systemctl start mmproxy.socket` (the installed
+//! socket unit hands the daemon its listener), removal and purge (the
+//! units go). The host's own root and network are never written.
 
 use std::{
     fs,
@@ -74,7 +77,7 @@ const FILES: &[(&str, &str, u32)] = &[
     ),
     (
         "examples/mmproxy.socket",
-        "usr/share/doc/mmproxy/examples/mmproxy.socket",
+        "lib/systemd/system/mmproxy.socket",
         0o644,
     ),
     ("README.md", "usr/share/doc/mmproxy/README.md", 0o644),
@@ -82,9 +85,10 @@ const FILES: &[(&str, &str, u32)] = &[
 
 const CONFFILES: &str = "/etc/default/mmproxy\n/etc/mmproxy/allowed-subnets\n";
 
-/// The unit is not enabled on install: its flags name a backend the
+/// Neither unit is enabled on install: the flags name a backend the
 /// operator has to choose first (docs/operations.md, "Upgrading from
-/// go-mmproxy").
+/// go-mmproxy"), and an enabled socket would hold the port for a service
+/// that cannot serve yet.
 const POSTINST: &str = "#!/bin/sh
 set -e
 if [ -d /run/systemd/system ]; then
@@ -298,7 +302,10 @@ zcat /usr/share/man/man1/mmproxy.1.gz | grep -q 'SIGUSR2'
 test -s /usr/share/bash-completion/completions/mmproxy
 test -s /usr/share/zsh/vendor-completions/_mmproxy
 test -s /usr/share/fish/vendor_completions.d/mmproxy.fish
-systemd-analyze verify /lib/systemd/system/mmproxy.service
+systemd-analyze verify /lib/systemd/system/mmproxy.service /lib/systemd/system/mmproxy.socket
+test "$(systemctl is-enabled mmproxy.service || true)" = disabled
+test "$(systemctl is-enabled mmproxy.socket || true)" = disabled
+if systemctl is-active mmproxy.socket; then exit 1; fi
 python3 -m http.server -b 127.0.0.1 8080 2>/var/tmp/backend.log >/dev/null &
 python3 -m http.server -b ::1 8080 >/dev/null 2>&1 &
 for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:8080/ && curl -s -o /dev/null 'http://[::1]:8080/' && break; sleep 0.1; done
@@ -335,20 +342,21 @@ journalctl -u mmproxy --no-pager | grep 'systemd\[1\]'
 # A main PID systemd cannot wait for gets SIGTERM and SIGKILL at once.
 if journalctl -u mmproxy --no-pager | grep -E -q 'not our child|SIGKILL'; then exit 1; fi
 journalctl -u mmproxy --no-pager | grep -q 'removed the routing added at start'
-cp /usr/share/doc/mmproxy/examples/mmproxy.socket /etc/systemd/system/
-systemctl daemon-reload
 systemctl start mmproxy.socket
 systemctl is-active mmproxy.socket
 get 3
 systemctl is-active mmproxy
 journalctl -u mmproxy --no-pager | grep -q 'using handed-over listening sockets origin=LISTEN_FDS'
 systemctl stop mmproxy.socket mmproxy
-rm /etc/systemd/system/mmproxy.socket
 dpkg -r mmproxy
 test ! -e /usr/bin/mmproxy
+test ! -e /lib/systemd/system/mmproxy.service
+test ! -e /lib/systemd/system/mmproxy.socket
+if systemctl cat mmproxy.socket >/dev/null 2>&1; then exit 1; fi
 test -e /etc/default/mmproxy
 dpkg --purge mmproxy
 test ! -e /etc/default/mmproxy
+test ! -e /lib/systemd/system/mmproxy.socket
 echo "TRY-IT-PASSED"
 "#;
 

@@ -5,6 +5,7 @@
 
 mod bench;
 mod build_ebpf;
+mod cycles;
 mod deb;
 mod drop_trace;
 mod exec;
@@ -30,6 +31,9 @@ enum Task {
     Run(run::Options),
     /// Format check, clippy with warnings denied, and every test.
     Test(test::Options),
+    /// Fail on an import loop among the modules of any crate: at every
+    /// module, between its own items and its children.
+    Cycles,
     /// Run the PROXY protocol parser fuzzer for a bounded time.
     Fuzz(fuzz::Options),
     /// The ebpf data path's soak, deeper than `test`, known defects included.
@@ -48,6 +52,7 @@ fn main() {
         Task::BuildEbpf(opts) => build_ebpf::build_ebpf(&opts).map(|_| ()),
         Task::Run(opts) => run::run(&opts),
         Task::Test(opts) => test::test(&opts),
+        Task::Cycles => cycles::cycles(),
         Task::Fuzz(opts) => fuzz::fuzz(&opts),
         Task::Soak(opts) => soak::soak(&opts),
         Task::Bench(opts) => bench::bench(&opts),

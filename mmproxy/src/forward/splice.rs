@@ -13,9 +13,9 @@ use std::{
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{
-    Connection, DirectionResult, ForwardError, Transferred, mirror_failure, until_both_end,
-    write_all,
+use super::contract::{
+    Connection, DirectionResult, ForwardError, Transferred, mirror_failure, shutdown_write,
+    until_both_end, write_all,
 };
 use crate::error::Side;
 
@@ -126,7 +126,7 @@ impl SpliceForwarder {
             Err(_) => copy_until_eof(src, dst, src_side, dst_side).await?,
         };
         // Propagate the FIN; the other direction keeps flowing.
-        super::shutdown_write(dst).map_err(|e| (dst_side, e))?;
+        shutdown_write(dst).map_err(|e| (dst_side, e))?;
         Ok(moved)
     }
 }

@@ -1,6 +1,6 @@
 //! Why a PROXY protocol header was refused.
 
-use super::Transport;
+use super::transport::Transport;
 
 /// Every way a header can be invalid, or unusable on a listener.
 ///

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use super::{Error, reader::Reader};
+use super::{error::Error, reader::Reader};
 
 /// A TLV type byte. A newtype rather than an enum, so that unknown,
 /// vendor (0xE0-0xEF) and experimental types survive as they are.

@@ -10,7 +10,10 @@ use std::{
 };
 
 use super::{
-    Addresses, Command, Error, Header, Status, Tlvs, Transport, V1_MAX_LEN, V1_SIGNATURE, Version,
+    error::Error,
+    header::{Addresses, Command, Header, Status, V1_MAX_LEN, V1_SIGNATURE, Version},
+    tlv::Tlvs,
+    transport::Transport,
 };
 
 /// Parses a v1 header; `buf` starts with the whole v1 signature.

@@ -7,9 +7,11 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use super::{
-    Addresses, Command, Error, Header, Status, Transport, V2_FIXED_LEN, V2_SIGNATURE, Version,
+    error::Error,
+    header::{Addresses, Command, Header, Status, V2_FIXED_LEN, V2_SIGNATURE, Version},
     reader::Reader,
     tlv::{self, TlvType},
+    transport::Transport,
 };
 
 const INET_BLOCK_LEN: usize = 12;

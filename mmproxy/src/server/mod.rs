@@ -25,13 +25,14 @@ use self::{
 use crate::{
     activation::{self, Inherited},
     check,
-    config::{AllowedSubnets, Config, Mode, UdpHeaderMode},
+    config::{AllowedSubnets, Config},
     connection::TcpProxy,
     error::error_chain,
     forward::Forwarder,
     limits::{EvictingGate, SourceCounter},
     listener::{self, AcceptContext, AdoptError, ListenError, ListenOptions, Listeners},
     metrics::{self, LiveCounters, Metrics},
+    options::{Mode, UdpHeaderMode},
     policy::{LogLimiter, REFUSAL_LOG_INTERVAL},
     routing::RoutingError,
     udp::{UdpProxy, frontend::FrontendSocket, kernel::KernelPath},
@@ -134,7 +135,10 @@ pub async fn run(
     let routes = Arc::new(RouteOwner::default());
     // A successor takes the routing over once its predecessor lets go.
     if config.setup_routes && predecessor.is_none() {
-        routes.take_over(&config).await?;
+        routes
+            .take_over(&config)
+            .await
+            .map_err(StartError::Routes)?;
     }
     let serving = Serving {
         config: &config,
@@ -362,7 +366,12 @@ impl Serving<'_> {
         if !self.config.setup_routes {
             return;
         }
-        if let Err(e) = self.routes.take_over(self.config).await {
+        if let Err(e) = self
+            .routes
+            .take_over(self.config)
+            .await
+            .map_err(StartError::Routes)
+        {
             warn!(error = %error_chain(&e), "upgrade: cannot take over the --setup-routes routing; it stays in place but will not be removed at exit");
         }
     }

@@ -4,11 +4,10 @@
 
 use tracing::{info, warn};
 
-use super::StartError;
 use crate::{
     config::Config,
     error::error_chain,
-    routing::{Installed, Routing},
+    routing::{Installed, Routing, RoutingError},
 };
 
 /// The `--setup-routes` routing this instance owns: removed at exit, or
@@ -17,7 +16,7 @@ use crate::{
 pub(super) struct RouteOwner(std::sync::Mutex<Option<(Routing, Installed)>>);
 
 impl RouteOwner {
-    pub(super) async fn take_over(&self, config: &Config) -> Result<(), StartError> {
+    pub(super) async fn take_over(&self, config: &Config) -> Result<(), RoutingError> {
         let owned = setup_routes(config).await?;
         *self
             .0
@@ -52,13 +51,10 @@ impl RouteOwner {
 }
 
 /// `--setup-routes`: adds what is missing, remembering it for the exit.
-async fn setup_routes(config: &Config) -> Result<(Routing, Installed), StartError> {
+async fn setup_routes(config: &Config) -> Result<(Routing, Installed), RoutingError> {
     let spec = config.routing_spec();
-    let routing = Routing::connect().await.map_err(StartError::Routes)?;
-    let installed = routing
-        .install_missing(spec)
-        .await
-        .map_err(StartError::Routes)?;
+    let routing = Routing::connect().await?;
+    let installed = routing.install_missing(spec).await?;
     if installed.adopted > 0 {
         info!(
             adopted = installed.adopted,

@@ -20,6 +20,10 @@ use nix::sys::socket::{
 };
 use tokio::{io::Interest, net::UdpSocket};
 
+/// Largest UDP payload over IPv6 (65,535 minus the 8-byte UDP header);
+/// over IPv4 it is 65,507. A buffer this size never truncates.
+pub const MAX_DATAGRAM: usize = 65_527;
+
 /// One datagram's metadata.
 #[derive(Debug, Clone, Copy)]
 pub struct Datagram {

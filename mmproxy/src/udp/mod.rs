@@ -34,16 +34,15 @@ use self::{
     stats::{UdpStats, inc},
 };
 use crate::{
-    config::{AllowedSubnets, Config, UdpHeaderMode},
+    config::{AllowedSubnets, Config},
     error::error_chain,
+    options::UdpHeaderMode,
     policy::{LogLimiter, REFUSAL_LOG_INTERVAL, Route},
     proxy_protocol::{self, Status, Transport},
     upstream::{self, UpstreamOptions},
 };
 
-/// Largest UDP payload over IPv6 (65,535 minus the 8-byte UDP header);
-/// over IPv4 it is 65,507. A buffer this size never truncates.
-pub const MAX_DATAGRAM: usize = 65_527;
+pub use frontend::MAX_DATAGRAM;
 
 /// Pause after a failed receive, doubling up to the maximum while the
 /// failures last (the accept loops do the same).

@@ -27,8 +27,7 @@ use tracing::debug;
 use crate::policy::Route;
 
 use super::{
-    MAX_DATAGRAM,
-    frontend::FrontendSocket,
+    frontend::{FrontendSocket, MAX_DATAGRAM},
     kernel::Offload,
     stats::{UdpStats, add_datagram, add_kernel_counts, inc},
 };

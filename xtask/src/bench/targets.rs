@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use anyhow::Result;
 
 use super::{
-    Results, Subject, Workload,
-    report::{best_peer, cpu_median, median_of, ratio, rss_median},
+    cells::{Results, Subject, Workload},
+    stats::{best_peer, cpu_median, median_of, ratio, rss_median},
 };
 
 /// Which side of the bound passes.
@@ -281,7 +281,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::bench::Sample;
+    use crate::bench::cells::Sample;
 
     fn cell(r: &mut Results, w: Workload, s: Subject, metrics: &[(&str, f64)]) {
         let sample = Sample {

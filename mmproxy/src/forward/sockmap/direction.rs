@@ -7,22 +7,43 @@
 //! the verdict's limit on (the peer keeps up) or lets the direction go to
 //! PASS (pass.rs) until the backlog has drained.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
 
 use mmproxy_common::sockmap::SocketState;
 
 use super::{
-    Shared,
     books::{self, Books, Leg},
     error::SockmapError,
     watcher::Watcher,
 };
-use crate::sockopt::{self, TcpInfo};
+use crate::{
+    bpf::Datapath,
+    sockopt::{self, TcpInfo},
+};
 
 /// The periodic check while bytes are pending somewhere.
 const TICK_BUSY: Duration = Duration::from_millis(100);
 /// The periodic check of an idle direction (doubles up to this).
 const TICK_IDLE_MAX: Duration = Duration::from_secs(1);
+
+/// What every connection's directions share.
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) datapath: Arc<Datapath>,
+    /// Started on the first connection (it needs the runtime).
+    pub(super) watcher: OnceLock<Arc<Watcher>>,
+    /// Serialises starting the watcher: the first connections arrive on
+    /// several worker threads at once, and only one may take the ring.
+    pub(super) watcher_start: Mutex<()>,
+    /// Bytes a direction's redirect backlog may hold
+    /// (`--ebpf-max-backlog-kib`).
+    pub(super) max_backlog: u64,
+    /// `--ebpf-arm-after-ms`.
+    pub(super) arm_after: Duration,
+}
 
 /// How a PASS episode ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

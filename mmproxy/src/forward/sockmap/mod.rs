@@ -45,14 +45,14 @@ use tokio::net::TcpStream;
 
 use self::{
     books::{Books, Leg},
-    direction::Direction,
+    direction::{Direction, Shared},
     error::SockmapError,
-    warmup::WarmUp,
+    warmup::{PreArm, WarmUp},
     watcher::Watcher,
 };
 use super::{
-    Connection, ForwardError, Transferred, mirror_failure, splice::SpliceForwarder, until_both_end,
-    write_all,
+    contract::{Connection, ForwardError, Transferred, mirror_failure, until_both_end, write_all},
+    splice::SpliceForwarder,
 };
 use crate::{bpf::Datapath, error::Side, sockopt};
 use mmproxy_common::sockmap::{Counter, SocketState};
@@ -80,22 +80,6 @@ pub struct SockmapForwarder {
     /// socket with a psock must be read with `recv()` (its passed bytes
     /// are on the psock's queue, which `splice()` does not see).
     copy_fallback: SpliceForwarder,
-}
-
-/// What every connection's directions share.
-#[derive(Debug)]
-pub(super) struct Shared {
-    datapath: Arc<Datapath>,
-    /// Started on the first connection (it needs the runtime).
-    watcher: OnceLock<Arc<Watcher>>,
-    /// Serialises starting the watcher: the first connections arrive on
-    /// several worker threads at once, and only one may take the ring.
-    watcher_start: Mutex<()>,
-    /// Bytes a direction's redirect backlog may hold
-    /// (`--ebpf-max-backlog-kib`).
-    max_backlog: u64,
-    /// `--ebpf-arm-after-ms`.
-    arm_after: Duration,
 }
 
 /// Counters of the in-kernel data path, for logs and metrics.
@@ -371,13 +355,6 @@ fn outcome(
             })
         }
     }
-}
-
-/// Bytes userspace moved through one socket before arming.
-#[derive(Debug, Default)]
-struct PreArm {
-    read: u64,
-    written: u64,
 }
 
 fn log_failure(e: SockmapError) -> (Side, io::Error) {

@@ -174,7 +174,7 @@ impl Direction<'_> {
 
     /// Half-closes the destination; returns `delivered`.
     fn forward_fin(&self, delivered: u64) -> Result<u64, SockmapError> {
-        crate::forward::shutdown_write(&self.dst.stream)
+        crate::forward::contract::shutdown_write(&self.dst.stream)
             .map_err(|e| SockmapError::io(self.dst.side, e))?;
         Ok(delivered)
     }

@@ -28,11 +28,17 @@ use std::io;
 
 use tokio::{net::TcpStream, time::Instant};
 
-use super::PreArm;
 use crate::{
     error::Side,
     forward::splice::{Pipe, SpliceForwarder},
 };
+
+/// Bytes userspace moved through one socket before arming.
+#[derive(Debug, Default)]
+pub(super) struct PreArm {
+    pub(super) read: u64,
+    pub(super) written: u64,
+}
 
 /// Copy-buffer size when no pipe can be had.
 const COPY_BUFFER_BYTES: usize = 32 * 1024;
