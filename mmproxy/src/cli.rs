@@ -135,8 +135,9 @@ pub struct Cli {
     #[arg(long = "listen-transparent")]
     pub listen_transparent: bool,
 
-    /// TCP data path: ebpf (in-kernel sockmap), plain (userspace splice),
-    /// or auto (ebpf where known to be safe, else plain).
+    /// Data path. TCP: ebpf (in-kernel sockmap), plain (userspace
+    /// splice), auto (plain). UDP: ebpf (a TC program carries established
+    /// sessions), plain (userspace), auto (ebpf where it loads).
     #[arg(long = "mode", value_name = "MODE", default_value = "auto")]
     pub mode: Mode,
 

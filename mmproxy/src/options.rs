@@ -25,7 +25,8 @@ pub struct Protocols {
     pub udp: bool,
 }
 
-/// The TCP data path.
+/// The data path (`--mode`): for TCP, `auto` means plain; for UDP, the
+/// kernel path where it loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
     Auto,

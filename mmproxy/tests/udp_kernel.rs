@@ -406,3 +406,64 @@ fn replies_the_backend_sends_unasked_are_relayed() {
     assert_eq!(exit_counter(&counters, "replied"), 9, "{counters}");
     assert!(exit_counter(&counters, "kernel_replied") >= 6, "{counters}");
 }
+
+/// `--mode auto` carries UDP sessions in the kernel where the program
+/// loads, and says why not and stays in userspace where it cannot (here:
+/// run without `CAP_BPF`).
+#[test]
+fn auto_mode_uses_the_kernel_path_where_it_loads() {
+    for with_bpf in [true, false] {
+        let Some(topo) = Topology::new("udp_kernel_auto", true) else {
+            return;
+        };
+        let caps = if with_bpf {
+            "-all,+net_admin,+bpf,+perfmon"
+        } else {
+            "-all,+net_admin"
+        };
+        let mut cmd = topo.daemon.command("setpriv");
+        cmd.args([
+            &format!("--inh-caps={caps}"),
+            &format!("--ambient-caps={caps}"),
+            &format!("--bounding-set={caps}"),
+            "--",
+        ])
+        .arg(support::daemon_binary());
+        let d = Daemon::start_with(
+            cmd,
+            &[
+                "-p", "udp", "-l", "[::]:8443", "-4", BACKEND4, "-v", "1", "--mode", "auto",
+            ],
+        );
+        let listening = d.wait_for_log("listening (udp)", Duration::from_secs(10));
+        let (backend, _guard) = topo.backend(BACKEND4);
+        echo_flow(&topo, BALANCER4, PROXY4, "198.51.100.13:40000", 5);
+        assert_eq!(backend.peers(), vec![sa("198.51.100.13:40000")]);
+        if with_bpf {
+            assert!(listening.contains("mode=\"ebpf\""), "{listening}");
+            d.wait_for_log("udp: kernel path attached", Duration::from_secs(1));
+        } else {
+            assert!(listening.contains("mode=\"plain\""), "{listening}");
+            d.wait_for_log("mode auto: UDP stays in userspace", Duration::from_secs(1));
+        }
+        let (counters, _) = stop_any(d);
+        let expected = if with_bpf { 4 } else { 0 };
+        assert_eq!(
+            exit_counter(&counters, "kernel_forwarded"),
+            expected,
+            "{counters}"
+        );
+    }
+}
+
+/// Like [`stop`], for a daemon that may have no kernel path.
+fn stop_any(mut d: Daemon) -> (String, Option<String>) {
+    d.signal(rustix::process::Signal::TERM);
+    let counters = d.wait_for_log("udp counters at exit", Duration::from_secs(10));
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0), "clean exit");
+    let program = d
+        .log()
+        .into_iter()
+        .find(|l| l.contains("udp kernel program counters"));
+    (counters, program)
+}
