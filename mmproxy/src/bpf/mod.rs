@@ -106,7 +106,11 @@ impl Datapath {
         program.load().map_err(LoadError::Program)?;
         program.attach(&map_fd).map_err(LoadError::Program)?;
         drop(map_fd);
-        release_freed_heap();
+        // `EbpfLoader::new()` (aya 0.14, bpf.rs) parses the kernel's BTF
+        // even when `.btf(None)` follows: about 20 MiB, freed at once, but
+        // kept in glibc's heap (22 MiB resident at idle against plain
+        // mode's 6 MiB, measured) unless trimmed.
+        crate::memory::release_free_heap();
         Ok(Self {
             _ebpf: ebpf,
             maps: Mutex::new(Maps {
@@ -214,18 +218,6 @@ impl Datapath {
         self.counters
             .get(&(counter as u32), 0)
             .map_or(0, |per_cpu| per_cpu.iter().sum())
-    }
-}
-
-/// Gives the heap the loader used back to the kernel. `EbpfLoader::new()`
-/// (aya 0.14, bpf.rs) parses the kernel's BTF even when `.btf(None)`
-/// follows: about 20 MiB, freed at once, but kept in glibc's heap (22 MiB
-/// resident at idle against plain mode's 6 MiB, measured) unless trimmed.
-fn release_freed_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
