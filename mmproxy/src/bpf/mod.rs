@@ -3,6 +3,7 @@
 //! program to the socket map, and gives typed access to the maps.
 
 pub mod btf;
+mod loader;
 
 use std::{
     os::fd::AsRawFd,
@@ -13,7 +14,6 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::SkSkb,
 };
@@ -81,7 +81,7 @@ impl Datapath {
         let offsets = skb_offsets()?;
         // The program needs no CO-RE relocations (its kernel offsets come
         // through OFFSETS): no BTF relocation pass.
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader::loader_without_kernel_btf()
             .btf(None)
             .load(OBJECT)
             .map_err(LoadError::Object)?;
@@ -106,10 +106,9 @@ impl Datapath {
         program.load().map_err(LoadError::Program)?;
         program.attach(&map_fd).map_err(LoadError::Program)?;
         drop(map_fd);
-        // `EbpfLoader::new()` (aya 0.14, bpf.rs) parses the kernel's BTF
-        // even when `.btf(None)` follows: about 20 MiB, freed at once, but
-        // kept in glibc's heap (22 MiB resident at idle against plain
-        // mode's 6 MiB, measured) unless trimmed.
+        // What the loader freed (20 MiB when Landlock is unavailable and
+        // it parsed the kernel's BTF) stays in glibc's heap unless
+        // trimmed: 22 MiB resident at idle against plain mode's 6 MiB.
         crate::memory::release_free_heap();
         Ok(Self {
             _ebpf: ebpf,
