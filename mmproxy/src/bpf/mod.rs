@@ -232,7 +232,7 @@ fn embedded_object(object: &'static [u8]) -> Result<&'static [u8], LoadError> {
 
 /// Where `TCP_SKB_CB(skb)->seq` and `->end_seq` live in this kernel.
 fn skb_offsets() -> Result<KernelOffsets, LoadError> {
-    let btf = btf::Btf::from_kernel().map_err(LoadError::Btf)?;
+    let mut btf = btf::Btf::from_kernel().map_err(LoadError::Btf)?;
     let cb = btf.member_offset("sk_buff", "cb").map_err(LoadError::Btf)?;
     let seq = btf
         .member_offset("tcp_skb_cb", "seq")
