@@ -26,8 +26,8 @@ use tracing::debug;
 
 /// How often the reclaimer looks at the connection count.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
-/// Peaks below this are not worth a trim: they leave at most a few
-/// hundred KiB behind.
+/// Peaks below this are not worth a trim: at about 13 KiB a connection,
+/// they leave under 1 MiB behind.
 const MIN_PEAK_CONNECTIONS: usize = 64;
 
 /// Watches the peak of open connections and trims the heap after it.
