@@ -19,6 +19,7 @@ use crate::{
     error::{Side, error_chain},
     forward::{self, Connection, ForwardError, Forwarder, ResetOnPanic, Transferred},
     limits::{EvictingGate, SourceCounter},
+    memory::HeapReclaimer,
     metrics::Metrics,
     policy::{LogLimiter, Refusal},
     proxy_protocol::{self, Action, MAX_HEADER_LEN, Status, Transport},
@@ -45,6 +46,8 @@ pub struct TcpProxy {
     pub header_gate: Arc<EvictingGate>,
     /// `--max-conns-per-source`.
     pub sources: Arc<SourceCounter>,
+    /// Hears of each connection count, to trim the heap after a burst.
+    pub reclaimer: Arc<HeapReclaimer>,
 }
 
 /// Why a connection ended before or during forwarding.
@@ -111,7 +114,9 @@ impl TcpProxy {
     /// errors at debug (`-v 1`), everything else at trace (`-v 2`).
     pub async fn handle(&self, client: TcpStream, peer: SocketAddr) {
         trace!(%peer, "accepted");
-        self.metrics.tcp_active.inc();
+        let open = self.metrics.tcp_active.inc() + 1;
+        self.reclaimer
+            .note_open(usize::try_from(open).unwrap_or_default());
         let result = self.proxy(client, peer).await;
         self.metrics.tcp_active.dec();
         self.count(&result);
@@ -341,6 +346,7 @@ mod tests {
             metrics: Arc::default(),
             abort: CancellationToken::new(),
             refusal_log: LogLimiter::new(REFUSAL_LOG_INTERVAL),
+            reclaimer: Arc::default(),
         }
     }
 

@@ -20,7 +20,7 @@
 //!
 //! Around them: [`routing`] reads and installs the policy routing through
 //! netlink, [`check`] is `mmproxy check`, [`metrics`] serves Prometheus
-//! metrics and `/healthz`.
+//! metrics and `/healthz`, [`memory`] gives the heap back after a burst.
 //!
 //! [`error::Side`] names whose fault a failure is, in every subsystem.
 
@@ -34,6 +34,7 @@ pub mod error;
 pub mod forward;
 pub mod limits;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod options;
 pub mod policy;

@@ -432,7 +432,16 @@ fn auto_mode_uses_the_kernel_path_where_it_loads() {
         let d = Daemon::start_with(
             cmd,
             &[
-                "-p", "udp", "-l", "[::]:8443", "-4", BACKEND4, "-v", "1", "--mode", "auto",
+                "-p",
+                "udp",
+                "-l",
+                "[::]:8443",
+                "-4",
+                BACKEND4,
+                "-v",
+                "1",
+                "--mode",
+                "auto",
             ],
         );
         let listening = d.wait_for_log("listening (udp)", Duration::from_secs(10));

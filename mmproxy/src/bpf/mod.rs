@@ -4,6 +4,7 @@
 //! (attached to the socket map); [`udp`]: the UDP TC program.
 
 pub mod btf;
+mod loader;
 pub mod udp;
 
 use std::{
@@ -15,7 +16,6 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::SkSkb,
 };
@@ -83,7 +83,7 @@ impl Datapath {
         let offsets = skb_offsets()?;
         // The program needs no CO-RE relocations (its kernel offsets come
         // through OFFSETS): no BTF relocation pass.
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader::loader_without_kernel_btf()
             .btf(None)
             .load(OBJECT)
             .map_err(LoadError::Object)?;
@@ -108,7 +108,10 @@ impl Datapath {
         program.load().map_err(LoadError::Program)?;
         program.attach(&map_fd).map_err(LoadError::Program)?;
         drop(map_fd);
-        release_freed_heap();
+        // What the loader freed (20 MiB when Landlock is unavailable and
+        // it parsed the kernel's BTF) stays in glibc's heap unless
+        // trimmed: 22 MiB resident at idle against plain mode's 6 MiB.
+        crate::memory::release_free_heap();
         Ok(Self {
             _ebpf: ebpf,
             maps: Mutex::new(Maps {
@@ -219,18 +222,6 @@ impl Datapath {
     }
 }
 
-/// Gives the heap the loader used back to the kernel. `EbpfLoader::new()`
-/// (aya 0.14, bpf.rs) parses the kernel's BTF even when `.btf(None)`
-/// follows: about 20 MiB, freed at once, but kept in glibc's heap (22 MiB
-/// resident at idle against plain mode's 6 MiB, measured) unless trimmed.
-pub(crate) fn release_freed_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// The object build.rs embedded, or why there is none (it embeds an empty
 /// placeholder when `cargo xtask build-ebpf` has not run).
 fn embedded_object(object: &'static [u8]) -> Result<&'static [u8], LoadError> {
@@ -243,7 +234,7 @@ fn embedded_object(object: &'static [u8]) -> Result<&'static [u8], LoadError> {
 
 /// Where `TCP_SKB_CB(skb)->seq` and `->end_seq` live in this kernel.
 fn skb_offsets() -> Result<KernelOffsets, LoadError> {
-    let btf = btf::Btf::from_kernel().map_err(LoadError::Btf)?;
+    let mut btf = btf::Btf::from_kernel().map_err(LoadError::Btf)?;
     let cb = btf.member_offset("sk_buff", "cb").map_err(LoadError::Btf)?;
     let seq = btf
         .member_offset("tcp_skb_cb", "seq")

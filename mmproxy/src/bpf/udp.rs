@@ -14,7 +14,6 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TcAttachType, tc},
     util::KernelVersion,
@@ -131,7 +130,7 @@ impl UdpDatapath {
         let (ip_summed_offset, ip_summed_shift) = ip_summed_bits()?;
         let lo_localnet = lo_localnet();
         let entries = opts.max_sessions.max(1);
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = super::loader::loader_without_kernel_btf()
             .btf(None)
             .map_max_entries(FORWARD_MAP, entries)
             .map_max_entries(REPLY_MAP, entries)
@@ -161,7 +160,7 @@ impl UdpDatapath {
         let counters = take(&mut ebpf, COUNTERS_MAP)?;
         let devices = devices()?;
         let attach = attach(&mut ebpf, &devices)?;
-        super::release_freed_heap();
+        crate::memory::release_free_heap();
         Ok(Self {
             _ebpf: ebpf,
             maps: Mutex::new(maps),
@@ -316,7 +315,7 @@ fn devices() -> Result<Vec<String>, UdpLoadError> {
 
 /// Where `sk_buff.ip_summed` lives: byte offset and bit shift.
 fn ip_summed_bits() -> Result<(u32, u32), UdpLoadError> {
-    let btf = btf::Btf::from_kernel().map_err(UdpLoadError::Btf)?;
+    let mut btf = btf::Btf::from_kernel().map_err(UdpLoadError::Btf)?;
     let bits = btf
         .member_bit_offset("sk_buff", "ip_summed")
         .map_err(UdpLoadError::Btf)?;

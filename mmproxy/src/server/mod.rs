@@ -60,6 +60,12 @@ pub enum StartError {
     Routes(#[source] RoutingError),
 }
 
+/// Trims the heap after each burst of TCP connections, until `stop`.
+async fn reclaim_heap_after_bursts(proxy: Arc<TcpProxy>, stop: CancellationToken) {
+    let open = || usize::try_from(proxy.metrics.tcp_active.get()).unwrap_or_default();
+    proxy.reclaimer.run(open, stop).await;
+}
+
 /// Says once, loudly, that anyone who reaches the listener chooses the
 /// client address the backend sees: the default listen address is
 /// go-mmproxy's (every interface), so a forgotten `--allowed-subnets`
@@ -285,6 +291,7 @@ impl Serving<'_> {
                 refusal_log: LogLimiter::new(REFUSAL_LOG_INTERVAL),
                 header_gate: EvictingGate::new(config.max_pending_headers as usize),
                 sources: SourceCounter::new(config.max_conns_per_source),
+                reclaimer: Arc::default(),
             }),
             allowed: allowed.clone(),
             permits: Arc::new(Semaphore::new(config.max_connections as usize)),
@@ -297,6 +304,10 @@ impl Serving<'_> {
                 tokio::net::TcpListener::from_std(socket.into()).map_err(StartError::Register)?;
             loops.spawn(listener::accept_loop(listener, ctx.clone()));
         }
+        loops.spawn(reclaim_heap_after_bursts(
+            ctx.proxy.clone(),
+            ctx.shutdown.clone(),
+        ));
         let _ = self.live.mode.set(ctx.proxy.forwarder.name());
         if let Some(stats) = ctx.proxy.forwarder.datapath_stats() {
             let _ = self.live.datapath.set(stats);

@@ -533,13 +533,23 @@ impl Daemon {
 
     /// The daemon's resident memory now (`VmRSS`), in KiB.
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS")
+    }
+
+    /// The most memory the daemon has had resident (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM")
+    }
+
+    /// A KiB field of the daemon's `/proc/PID/status`.
+    fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .expect("read the daemon's /proc status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc status")
+            .unwrap_or_else(|| panic!("{field} in /proc status"))
     }
 
     pub fn pid(&self) -> i32 {
