@@ -21,7 +21,11 @@ pub mod kernel;
 pub mod session;
 pub mod stats;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
@@ -212,7 +216,10 @@ impl UdpProxy {
         session.forward(c.payload, &self.stats, self.clock.now_ms());
         // Handed to the kernel only after its first datagram is on its
         // way, so the kernel's first one cannot overtake it.
-        if opened && let (Some(destination), Some(ifindex)) = (c.header_destination, meta.ifindex) {
+        if opened
+            && let Some(destination) = c.header_destination
+            && let Some(ifindex) = balancer_device(&meta)
+        {
             self.offload(&session, (socket.local_for(&meta), ifindex), destination);
         }
     }
@@ -244,8 +251,11 @@ impl UdpProxy {
             Ok(Some(offload)) => {
                 session.set_offload(offload);
                 inc(&self.stats.sessions_offloaded);
+                debug!(client = %client, %listener, balancer_ifindex, "UDP session handed to the kernel path");
             }
-            Ok(None) => {}
+            Ok(None) => {
+                debug!(client = %client, backend = %route.backend, "UDP session stays in userspace (mixed families or a remote backend)");
+            }
             Err(e) => {
                 inc(&self.stats.offload_failures);
                 debug!(client = %client, error = %e, "cannot hand the UDP session to the kernel; it stays in userspace");
@@ -408,4 +418,25 @@ impl UdpProxy {
             }
         }
     }
+}
+
+/// The device a balancer's datagrams arrive on, which the kernel path
+/// sends replies out of. `IP_PKTINFO` names it, except that it reports 0
+/// for some datagrams looped back on this host (their route is gone by
+/// the time the socket queues them): a balancer on a local address is
+/// then on `lo`. `None`: unknown, and the session stays in userspace.
+fn balancer_device(meta: &Datagram) -> Option<u32> {
+    match meta.ifindex {
+        Some(ifindex) if ifindex != 0 => Some(ifindex),
+        _ => is_local_address(meta.from.ip().to_canonical()).then_some(LOOPBACK_IFINDEX),
+    }
+}
+
+/// `lo`'s index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Whether `ip` is an address of this host: a loopback one, or one a
+/// socket can bind without `IP_TRANSPARENT`.
+fn is_local_address(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
