@@ -132,19 +132,15 @@ impl Workload {
         }
     }
 
-    /// Which subjects run it: ebpf mode changes only the TCP data path;
-    /// the source-port row compares mmproxy with itself and direct.
+    /// Which subjects run it: `HAProxy` does not proxy UDP; the
+    /// source-port row compares mmproxy with itself and direct.
     pub(super) fn runs_on(self, subject: Subject) -> bool {
         match self {
             Workload::ConnectionsEphemeralPort => {
                 matches!(subject, Subject::Direct | Subject::Plain | Subject::Haproxy)
             }
             _ => {
-                !(self.is_udp()
-                    && matches!(
-                        subject,
-                        Subject::Ebpf | Subject::Haproxy | Subject::HaproxyClientPort
-                    ))
+                !(self.is_udp() && matches!(subject, Subject::Haproxy | Subject::HaproxyClientPort))
             }
         }
     }

@@ -247,10 +247,8 @@ fn run_cell(
         .collect::<Result<BTreeMap<_, _>>>()
         .with_context(|| format!("unreadable load generator output:\n{out}"))?;
     if subject == Subject::Ebpf {
-        match connections_armed(ns) {
-            Some(armed) => {
-                metrics.insert("connections_armed".to_owned(), armed);
-            }
+        match kernel_path_counts(ns, workload.is_udp()) {
+            Some(counts) => metrics.extend(counts),
             None => eprintln!("bench: cannot read the ebpf subject's metrics (is curl installed?)"),
         }
     }
@@ -286,8 +284,8 @@ fn spawn_subject(
             // the port opens before the BPF programs load, and the loader's
             // start-up peak would otherwise be counted as the load's.
             let notify = ReadyNotice::new()?;
-            // ebpf mode serves metrics: the report says how many
-            // connections were armed (the warm-up keeps others out).
+            // ebpf mode serves metrics: the report says what the kernel
+            // path carried (TCP connections armed, UDP datagrams).
             let metrics: &[&str] = if subject == Subject::Ebpf {
                 &["--metrics-addr", EBPF_METRICS]
             } else {
@@ -337,19 +335,62 @@ fn spawn_subject(
 /// Where the ebpf subject serves its metrics.
 const EBPF_METRICS: &str = "127.0.0.1:9100";
 
-/// Connections the ebpf subject has armed (`--ebpf-arm-after-ms` keeps
-/// short connections, and saturated ones that never catch up, in
-/// userspace), from its metrics; `None` when they cannot be read.
-fn connections_armed(ns: &Namespace) -> Option<f64> {
+/// What the ebpf subject's kernel path carried, from its metrics, as
+/// extra metrics of the sample; `None` when they cannot be read.
+///
+/// TCP: connections armed (`--ebpf-arm-after-ms` keeps short connections,
+/// and saturated ones that never catch up, in userspace). UDP: datagrams
+/// the TC program forwarded and replies it relayed (the program's own
+/// counters, read live; the daemon's copies catch up once a second)
+/// against the datagrams the daemon's sockets read, and the kernel's
+/// share of the forwarding: near 1 when each flow's first datagram is
+/// the only one userspace sees.
+fn kernel_path_counts(ns: &Namespace, udp: bool) -> Option<Vec<(String, f64)>> {
     let out = ns
         .command(Path::new("curl"))
         .args(["-sf", &format!("http://{EBPF_METRICS}/metrics")])
         .output()
         .ok()?;
-    String::from_utf8(out.stdout)
-        .ok()?
+    let exposition = String::from_utf8(out.stdout).ok()?;
+    let series: &[(&str, &str)] = if udp {
+        &[
+            (
+                "kernel_forwarded",
+                r#"mmproxy_udp_kernel_program_total{outcome="forwarded"}"#,
+            ),
+            (
+                "kernel_replied",
+                r#"mmproxy_udp_kernel_program_total{outcome="replied"}"#,
+            ),
+            ("userspace_received", "mmproxy_udp_userspace_received_total"),
+        ]
+    } else {
+        &[("connections_armed", "mmproxy_ebpf_connections_armed_total")]
+    };
+    let mut counts = series
+        .iter()
+        .map(|&(name, series)| Some((name.to_owned(), series_value(&exposition, series)?)))
+        .collect::<Option<Vec<_>>>()?;
+    if udp {
+        let (kernel, userspace) = (counts[0].1, counts[2].1);
+        let share = kernel / (kernel + userspace);
+        if share.is_nan() || share < 0.5 {
+            eprintln!(
+                "bench: the UDP kernel path forwarded {kernel} datagrams, the daemon read \
+                 {userspace}: the kernel path was hardly used"
+            );
+        }
+        counts.push(("kernel_share".to_owned(), share));
+    }
+    Some(counts)
+}
+
+/// The value of one series (name and labels, exactly as exposed) in a
+/// Prometheus text exposition.
+fn series_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition
         .lines()
-        .find_map(|l| l.strip_prefix("mmproxy_ebpf_connections_armed_total "))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
 
@@ -611,4 +652,27 @@ fn socket_listed(ns: &Namespace, flags: &str) -> bool {
         ])
         .output()
         .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::series_value;
+
+    #[test]
+    fn series_are_read_by_exact_name_and_labels() {
+        let exposition = "\
+# TYPE mmproxy_udp_kernel_program counter
+mmproxy_udp_kernel_program_total{outcome=\"forwarded\"} 1234
+mmproxy_udp_kernel_program_total{outcome=\"forwarded_bytes\"} 99
+mmproxy_udp_userspace_received_total 16
+mmproxy_udp_userspace_received_total_other 7
+";
+        let forwarded = r#"mmproxy_udp_kernel_program_total{outcome="forwarded"}"#;
+        assert_eq!(series_value(exposition, forwarded), Some(1234.0));
+        assert_eq!(
+            series_value(exposition, "mmproxy_udp_userspace_received_total"),
+            Some(16.0)
+        );
+        assert_eq!(series_value(exposition, "mmproxy_udp_received_total"), None);
+    }
 }
