@@ -173,6 +173,18 @@ impl Sample {
             f64::NAN
         }
     }
+
+    /// Machine CPU per round trip (one datagram each way through the
+    /// subject), microseconds: the UDP rows' cost, where bytes say little.
+    pub(crate) fn cpu_us_per_round_trip(&self) -> f64 {
+        let metric = |k: &str| self.metrics.get(k).copied().unwrap_or(f64::NAN);
+        let round_trips = metric("round_trips_s") * metric("seconds");
+        if round_trips > 0.0 {
+            self.cpu_seconds / round_trips * 1e6
+        } else {
+            f64::NAN
+        }
+    }
 }
 
 /// Everything measured, by cell.
