@@ -236,9 +236,19 @@ fn run_cell(
     if let Some(proc) = &proc {
         proc.reset_peak_rss();
     }
-    let before = busy_cpu_seconds()?;
+    let subject_cpu = || proc.as_ref().map(SubjectProcess::cpu_seconds);
+    let (before, children_before, subject_before) =
+        (busy_cpu_seconds()?, children_cpu_seconds()?, subject_cpu());
     let out = output(ns.command(&bin.load).args(&args))?;
     let cpu_seconds = busy_cpu_seconds()? - before;
+    // The generator is the only child waited for during the load (`ip
+    // netns exec` execs it, so its pid is the generator's).
+    let generator_cpu = children_cpu_seconds()? - children_before;
+    let own_cpu_seconds = match (subject_before, subject_cpu()) {
+        (None, None) => Some(generator_cpu),
+        (Some(Some(a)), Some(Some(b))) => Some(generator_cpu + b - a),
+        _ => None,
+    };
     let peak_rss_kib = proc.as_ref().and_then(SubjectProcess::peak_rss_kib);
     let mut metrics = out
         .lines()
@@ -259,6 +269,7 @@ fn run_cell(
     Ok(Sample {
         metrics,
         cpu_seconds,
+        own_cpu_seconds,
         peak_rss_kib,
     })
 }
@@ -411,6 +422,41 @@ fn busy_cpu_seconds() -> Result<f64> {
     let ticks_per_second = 100.0; // USER_HZ on Linux
     #[allow(clippy::cast_precision_loss)] // ticks stay far below 2^52
     Ok(busy as f64 / ticks_per_second)
+}
+
+/// The fields of /proc/<pid>/stat after the command name (which may
+/// hold spaces): field 3 (state) first.
+fn proc_stat_fields(pid: &str) -> Result<Vec<u64>> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let (_, after_name) = stat
+        .rsplit_once(") ")
+        .with_context(|| format!("odd {path}: {stat}"))?;
+    // The state is a letter; every later field is a number.
+    Ok(after_name
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect())
+}
+
+/// Field `n` (numbered as in proc(5)) of [`proc_stat_fields`].
+fn stat_field(fields: &[u64], n: usize) -> Option<u64> {
+    fields.get(n.checked_sub(4)?).copied()
+}
+
+/// Seconds from clock ticks (`USER_HZ`).
+#[allow(clippy::cast_precision_loss)] // ticks stay far below 2^52
+fn ticks_to_seconds(ticks: u64) -> f64 {
+    ticks as f64 / 100.0
+}
+
+/// CPU time (user and system) of this process's children that have been
+/// waited for: `cutime` and `cstime`, fields 16 and 17 of /proc/self/stat.
+fn children_cpu_seconds() -> Result<f64> {
+    let fields = proc_stat_fields("self")?;
+    let field = |n| stat_field(&fields, n).context("short /proc/self/stat");
+    Ok(ticks_to_seconds(field(16)? + field(17)?))
 }
 
 fn which(program: &str) -> Option<PathBuf> {
@@ -616,6 +662,15 @@ impl SubjectProcess {
     /// BTF once: about 20 MiB for a moment, docs/ebpf-datapath.md).
     fn reset_peak_rss(&self) {
         let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
+    }
+
+    /// User and system CPU time of all its threads so far (`utime` and
+    /// `stime`, fields 14 and 15 of /proc/<pid>/stat); `None` once gone.
+    fn cpu_seconds(&self) -> Option<f64> {
+        let fields = proc_stat_fields(&self.child.id().to_string()).ok()?;
+        Some(ticks_to_seconds(
+            stat_field(&fields, 14)? + stat_field(&fields, 15)?,
+        ))
     }
 
     /// `VmHWM`: the most memory the process had resident since the reset.

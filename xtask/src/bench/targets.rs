@@ -326,6 +326,7 @@ mod tests {
                 .map(|&(k, v)| (k.to_owned(), v))
                 .collect::<BTreeMap<_, _>>(),
             cpu_seconds: 1.0,
+            own_cpu_seconds: None,
             peak_rss_kib: None,
         };
         r.insert((w, s), vec![sample]);
@@ -345,6 +346,7 @@ mod tests {
         let sample = Sample {
             metrics,
             cpu_seconds,
+            own_cpu_seconds: None,
             peak_rss_kib: None,
         };
         r.insert((Workload::Udp64, s), vec![sample]);
