@@ -132,19 +132,15 @@ impl Workload {
         }
     }
 
-    /// Which subjects run it: ebpf mode changes only the TCP data path;
-    /// the source-port row compares mmproxy with itself and direct.
+    /// Which subjects run it: `HAProxy` does not proxy UDP; the
+    /// source-port row compares mmproxy with itself and direct.
     pub(super) fn runs_on(self, subject: Subject) -> bool {
         match self {
             Workload::ConnectionsEphemeralPort => {
                 matches!(subject, Subject::Direct | Subject::Plain | Subject::Haproxy)
             }
             _ => {
-                !(self.is_udp()
-                    && matches!(
-                        subject,
-                        Subject::Ebpf | Subject::Haproxy | Subject::HaproxyClientPort
-                    ))
+                !(self.is_udp() && matches!(subject, Subject::Haproxy | Subject::HaproxyClientPort))
             }
         }
     }
@@ -164,6 +160,11 @@ pub(crate) struct Sample {
     pub(crate) metrics: BTreeMap<String, f64>,
     /// Busy CPU seconds of the whole machine during the load.
     pub(crate) cpu_seconds: f64,
+    /// CPU seconds of the run's own processes (the load generator with
+    /// its backend, and the subject): what other work on a shared machine
+    /// adds to `cpu_seconds` is not in it; softirq work is, when it runs
+    /// in their context (as on loopback), not when `ksoftirqd` takes it.
+    pub(crate) own_cpu_seconds: Option<f64>,
     /// The subject's peak resident set, KiB (none for direct).
     pub(crate) peak_rss_kib: Option<u64>,
 }
@@ -173,6 +174,28 @@ impl Sample {
         let gb = self.metrics.get("bytes").copied().unwrap_or(0.0) / 1e9;
         if gb > 0.0 {
             self.cpu_seconds / gb
+        } else {
+            f64::NAN
+        }
+    }
+
+    /// Machine CPU per round trip (one datagram each way through the
+    /// subject), microseconds: the UDP rows' cost, where bytes say little.
+    pub(crate) fn cpu_us_per_round_trip(&self) -> f64 {
+        self.per_round_trip_us(self.cpu_seconds)
+    }
+
+    /// The same for the run's own processes only.
+    pub(crate) fn own_cpu_us_per_round_trip(&self) -> f64 {
+        self.own_cpu_seconds
+            .map_or(f64::NAN, |cpu| self.per_round_trip_us(cpu))
+    }
+
+    fn per_round_trip_us(&self, cpu_seconds: f64) -> f64 {
+        let metric = |k: &str| self.metrics.get(k).copied().unwrap_or(f64::NAN);
+        let round_trips = metric("round_trips_s") * metric("seconds");
+        if round_trips > 0.0 {
+            cpu_seconds / round_trips * 1e6
         } else {
             f64::NAN
         }

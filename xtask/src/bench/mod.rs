@@ -236,9 +236,19 @@ fn run_cell(
     if let Some(proc) = &proc {
         proc.reset_peak_rss();
     }
-    let before = busy_cpu_seconds()?;
+    let subject_cpu = || proc.as_ref().map(SubjectProcess::cpu_seconds);
+    let (before, children_before, subject_before) =
+        (busy_cpu_seconds()?, children_cpu_seconds()?, subject_cpu());
     let out = output(ns.command(&bin.load).args(&args))?;
     let cpu_seconds = busy_cpu_seconds()? - before;
+    // The generator is the only child waited for during the load (`ip
+    // netns exec` execs it, so its pid is the generator's).
+    let generator_cpu = children_cpu_seconds()? - children_before;
+    let own_cpu_seconds = match (subject_before, subject_cpu()) {
+        (None, None) => Some(generator_cpu),
+        (Some(Some(a)), Some(Some(b))) => Some(generator_cpu + b - a),
+        _ => None,
+    };
     let peak_rss_kib = proc.as_ref().and_then(SubjectProcess::peak_rss_kib);
     let mut metrics = out
         .lines()
@@ -247,10 +257,8 @@ fn run_cell(
         .collect::<Result<BTreeMap<_, _>>>()
         .with_context(|| format!("unreadable load generator output:\n{out}"))?;
     if subject == Subject::Ebpf {
-        match connections_armed(ns) {
-            Some(armed) => {
-                metrics.insert("connections_armed".to_owned(), armed);
-            }
+        match kernel_path_counts(ns, workload.is_udp()) {
+            Some(counts) => metrics.extend(counts),
             None => eprintln!("bench: cannot read the ebpf subject's metrics (is curl installed?)"),
         }
     }
@@ -261,6 +269,7 @@ fn run_cell(
     Ok(Sample {
         metrics,
         cpu_seconds,
+        own_cpu_seconds,
         peak_rss_kib,
     })
 }
@@ -286,8 +295,8 @@ fn spawn_subject(
             // the port opens before the BPF programs load, and the loader's
             // start-up peak would otherwise be counted as the load's.
             let notify = ReadyNotice::new()?;
-            // ebpf mode serves metrics: the report says how many
-            // connections were armed (the warm-up keeps others out).
+            // ebpf mode serves metrics: the report says what the kernel
+            // path carried (TCP connections armed, UDP datagrams).
             let metrics: &[&str] = if subject == Subject::Ebpf {
                 &["--metrics-addr", EBPF_METRICS]
             } else {
@@ -337,19 +346,62 @@ fn spawn_subject(
 /// Where the ebpf subject serves its metrics.
 const EBPF_METRICS: &str = "127.0.0.1:9100";
 
-/// Connections the ebpf subject has armed (`--ebpf-arm-after-ms` keeps
-/// short connections, and saturated ones that never catch up, in
-/// userspace), from its metrics; `None` when they cannot be read.
-fn connections_armed(ns: &Namespace) -> Option<f64> {
+/// What the ebpf subject's kernel path carried, from its metrics, as
+/// extra metrics of the sample; `None` when they cannot be read.
+///
+/// TCP: connections armed (`--ebpf-arm-after-ms` keeps short connections,
+/// and saturated ones that never catch up, in userspace). UDP: datagrams
+/// the TC program forwarded and replies it relayed (the program's own
+/// counters, read live; the daemon's copies catch up once a second)
+/// against the datagrams the daemon's sockets read, and the kernel's
+/// share of the forwarding: near 1 when each flow's first datagram is
+/// the only one userspace sees.
+fn kernel_path_counts(ns: &Namespace, udp: bool) -> Option<Vec<(String, f64)>> {
     let out = ns
         .command(Path::new("curl"))
         .args(["-sf", &format!("http://{EBPF_METRICS}/metrics")])
         .output()
         .ok()?;
-    String::from_utf8(out.stdout)
-        .ok()?
+    let exposition = String::from_utf8(out.stdout).ok()?;
+    let series: &[(&str, &str)] = if udp {
+        &[
+            (
+                "kernel_forwarded",
+                r#"mmproxy_udp_kernel_program_total{outcome="forwarded"}"#,
+            ),
+            (
+                "kernel_replied",
+                r#"mmproxy_udp_kernel_program_total{outcome="replied"}"#,
+            ),
+            ("userspace_received", "mmproxy_udp_userspace_received_total"),
+        ]
+    } else {
+        &[("connections_armed", "mmproxy_ebpf_connections_armed_total")]
+    };
+    let mut counts = series
+        .iter()
+        .map(|&(name, series)| Some((name.to_owned(), series_value(&exposition, series)?)))
+        .collect::<Option<Vec<_>>>()?;
+    if udp {
+        let (kernel, userspace) = (counts[0].1, counts[2].1);
+        let share = kernel / (kernel + userspace);
+        if share.is_nan() || share < 0.5 {
+            eprintln!(
+                "bench: the UDP kernel path forwarded {kernel} datagrams, the daemon read \
+                 {userspace}: the kernel path was hardly used"
+            );
+        }
+        counts.push(("kernel_share".to_owned(), share));
+    }
+    Some(counts)
+}
+
+/// The value of one series (name and labels, exactly as exposed) in a
+/// Prometheus text exposition.
+fn series_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition
         .lines()
-        .find_map(|l| l.strip_prefix("mmproxy_ebpf_connections_armed_total "))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
 
@@ -370,6 +422,41 @@ fn busy_cpu_seconds() -> Result<f64> {
     let ticks_per_second = 100.0; // USER_HZ on Linux
     #[allow(clippy::cast_precision_loss)] // ticks stay far below 2^52
     Ok(busy as f64 / ticks_per_second)
+}
+
+/// The fields of /proc/<pid>/stat after the command name (which may
+/// hold spaces): field 3 (state) first.
+fn proc_stat_fields(pid: &str) -> Result<Vec<u64>> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let (_, after_name) = stat
+        .rsplit_once(") ")
+        .with_context(|| format!("odd {path}: {stat}"))?;
+    // The state is a letter; every later field is a number.
+    Ok(after_name
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect())
+}
+
+/// Field `n` (numbered as in proc(5)) of [`proc_stat_fields`].
+fn stat_field(fields: &[u64], n: usize) -> Option<u64> {
+    fields.get(n.checked_sub(4)?).copied()
+}
+
+/// Seconds from clock ticks (`USER_HZ`).
+#[allow(clippy::cast_precision_loss)] // ticks stay far below 2^52
+fn ticks_to_seconds(ticks: u64) -> f64 {
+    ticks as f64 / 100.0
+}
+
+/// CPU time (user and system) of this process's children that have been
+/// waited for: `cutime` and `cstime`, fields 16 and 17 of /proc/self/stat.
+fn children_cpu_seconds() -> Result<f64> {
+    let fields = proc_stat_fields("self")?;
+    let field = |n| stat_field(&fields, n).context("short /proc/self/stat");
+    Ok(ticks_to_seconds(field(16)? + field(17)?))
 }
 
 fn which(program: &str) -> Option<PathBuf> {
@@ -577,6 +664,15 @@ impl SubjectProcess {
         let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
     }
 
+    /// User and system CPU time of all its threads so far (`utime` and
+    /// `stime`, fields 14 and 15 of /proc/<pid>/stat); `None` once gone.
+    fn cpu_seconds(&self) -> Option<f64> {
+        let fields = proc_stat_fields(&self.child.id().to_string()).ok()?;
+        Some(ticks_to_seconds(
+            stat_field(&fields, 14)? + stat_field(&fields, 15)?,
+        ))
+    }
+
     /// `VmHWM`: the most memory the process had resident since the reset.
     fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
@@ -611,4 +707,27 @@ fn socket_listed(ns: &Namespace, flags: &str) -> bool {
         ])
         .output()
         .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::series_value;
+
+    #[test]
+    fn series_are_read_by_exact_name_and_labels() {
+        let exposition = "\
+# TYPE mmproxy_udp_kernel_program counter
+mmproxy_udp_kernel_program_total{outcome=\"forwarded\"} 1234
+mmproxy_udp_kernel_program_total{outcome=\"forwarded_bytes\"} 99
+mmproxy_udp_userspace_received_total 16
+mmproxy_udp_userspace_received_total_other 7
+";
+        let forwarded = r#"mmproxy_udp_kernel_program_total{outcome="forwarded"}"#;
+        assert_eq!(series_value(exposition, forwarded), Some(1234.0));
+        assert_eq!(
+            series_value(exposition, "mmproxy_udp_userspace_received_total"),
+            Some(16.0)
+        );
+        assert_eq!(series_value(exposition, "mmproxy_udp_received_total"), None);
+    }
 }

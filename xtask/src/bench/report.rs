@@ -83,7 +83,11 @@ fn header(md: &mut String, command: &str, chart: &Path) -> Result<()> {
          cell is repeated; the table gives the median and (min-max). Ratios are between \
          medians of this one run. CPU s/GB is the whole machine's busy time (user, system, \
          softirq; from /proc/stat) per GB moved through the subject, generator and backend \
-         included, so in-kernel forwarding is counted. Peak RSS is the subject's VmHWM during \
+         included, so in-kernel forwarding is counted; the UDP rows also give it per \
+         round trip (one datagram each way through the subject), in µs, and \
+         the same for the run's own processes only (generator, backend and subject, \
+         from /proc/<pid>/stat: other work on a shared machine is not in it, softirq work \
+         charged to them is). Peak RSS is the subject's VmHWM during \
          the load (reset just before it, so start-up is not counted). On \
          2 cores the generator, the backend and the proxy share the CPUs: a proxy that \
          costs more CPU leaves less to the generator, which is part of what is measured.\n"
@@ -105,11 +109,23 @@ fn table(md: &mut String, results: &Results, subjects: &[Subject], w: Workload) 
     }
     let (key, unit) = w.headline();
     writeln!(md, "## {}\n", w.name())?;
+    // UDP rows also give CPU per round trip: at 64 B a gigabyte is
+    // eight million round trips, and the cost is per datagram.
+    let per_round_trip = w.is_udp();
     writeln!(
         md,
-        "| subject | {unit} | vs direct | vs plain | vs best peer | other medians | CPU s/GB | peak RSS |"
+        "| subject | {unit} | vs direct | vs plain | vs best peer | other medians | CPU s/GB |{} peak RSS |",
+        if per_round_trip {
+            " CPU µs/round trip | own CPU µs/round trip |"
+        } else {
+            ""
+        }
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "|---|---|---|---|---|---|---|{}---|",
+        if per_round_trip { "---|---|" } else { "" }
+    )?;
     let best = best_peer(results, w);
     for &s in subjects {
         let Some(samples) = results.get(&(w, s)) else {
@@ -123,9 +139,18 @@ fn table(md: &mut String, results: &Results, subjects: &[Subject], w: Workload) 
             .map(|k| format!("{k} {}", fmt_num(spread(samples, metric(k)).median)))
             .collect();
         let rss = spread(samples, peak_rss_mib);
+        let cpu_round_trip = if per_round_trip {
+            format!(
+                " {} | {} |",
+                fmt_spread(spread(samples, Sample::cpu_us_per_round_trip)),
+                fmt_spread(spread(samples, Sample::own_cpu_us_per_round_trip))
+            )
+        } else {
+            String::new()
+        };
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |{cpu_round_trip} {} |",
             s.name(),
             fmt_spread(spread(samples, metric(key))),
             fmt_ratio(ratio(head, median_of(results, w, Subject::Direct, key))),

@@ -48,6 +48,12 @@ pub(super) fn cpu_median(results: &Results, w: Workload, s: Subject) -> Option<f
     (!m.is_nan()).then_some(m)
 }
 
+/// Median machine CPU per round trip of a (UDP) cell, µs.
+pub(super) fn cpu_round_trip_median(results: &Results, w: Workload, s: Subject) -> Option<f64> {
+    let m = spread(results.get(&(w, s))?, Sample::cpu_us_per_round_trip).median;
+    (!m.is_nan()).then_some(m)
+}
+
 pub(super) fn peak_rss_mib(sample: &Sample) -> f64 {
     sample.peak_rss_kib.map_or(f64::NAN, |k| {
         #[allow(clippy::cast_precision_loss)] // KiB counts are small

@@ -1,6 +1,7 @@
 //! The open issues' targets, each judged on one run's medians: #14 (the
 //! ebpf data path against plain mode), #18 (plain mode and UDP against
-//! direct and the peers), #21 (the tail, the ephemeral-port path, `HAProxy`).
+//! direct and the peers), #21 (the tail, the ephemeral-port path, `HAProxy`),
+//! #31 (the UDP kernel path against direct, go-mmproxy and plain mode).
 
 use std::fmt::Write as _;
 
@@ -8,7 +9,7 @@ use anyhow::Result;
 
 use super::{
     cells::{Results, Subject, Workload},
-    stats::{best_peer, cpu_median, median_of, ratio, rss_median},
+    stats::{best_peer, cpu_median, cpu_round_trip_median, median_of, ratio, rss_median},
 };
 
 /// Which side of the bound passes.
@@ -75,6 +76,7 @@ pub(super) fn write(md: &mut String, r: &Results) -> Result<()> {
         .into_iter()
         .chain(plain_targets(r))
         .chain(outside_targets(r))
+        .chain(udp_kernel_targets(r))
         .collect();
     writeln!(md, "## Targets of the open issues, judged on this run\n")?;
     writeln!(md, "| issue | target | bound | measured | |")?;
@@ -276,6 +278,40 @@ fn outside_targets(r: &Results) -> Vec<Target> {
     std::iter::once(tail).chain(ratios(21, rows)).collect()
 }
 
+/// Issue #31: ebpf mode's UDP kernel path near direct, well ahead of
+/// go-mmproxy, and at most half of plain mode's machine CPU per round trip.
+fn udp_kernel_targets(r: &Results) -> Vec<Target> {
+    use Bound::{AtLeast, AtMost};
+    use Subject::{Direct, Ebpf, GoMmproxy, Plain};
+    let mut rows: Vec<Row> = Vec::new();
+    for w in [Workload::Udp64, Workload::Udp1400] {
+        let udp = |s| median_of(r, w, s, "round_trips_s");
+        let cpu = |s| cpu_round_trip_median(r, w, s);
+        let name = w.name();
+        rows.extend([
+            (
+                format!("{name}, ebpf / direct"),
+                udp(Ebpf),
+                udp(Direct),
+                AtLeast(0.9),
+            ),
+            (
+                format!("{name}, ebpf / go-mmproxy"),
+                udp(Ebpf),
+                udp(GoMmproxy),
+                AtLeast(2.5),
+            ),
+            (
+                format!("{name}, CPU per round trip, ebpf / plain"),
+                cpu(Ebpf),
+                cpu(Plain),
+                AtMost(0.5),
+            ),
+        ]);
+    }
+    ratios(31, rows).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -290,6 +326,7 @@ mod tests {
                 .map(|&(k, v)| (k.to_owned(), v))
                 .collect::<BTreeMap<_, _>>(),
             cpu_seconds: 1.0,
+            own_cpu_seconds: None,
             peak_rss_kib: None,
         };
         r.insert((w, s), vec![sample]);
@@ -297,6 +334,54 @@ mod tests {
 
     fn find<'a>(all: &'a [Target], what: &str) -> &'a Target {
         all.iter().find(|t| t.what == what).expect(what)
+    }
+
+    /// A UDP cell of 5 s at `round_trips_s` that cost the machine
+    /// `cpu_seconds`.
+    fn udp_cell(r: &mut Results, s: Subject, round_trips_s: f64, cpu_seconds: f64) {
+        let metrics = [("round_trips_s", round_trips_s), ("seconds", 5.0)]
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), v))
+            .collect();
+        let sample = Sample {
+            metrics,
+            cpu_seconds,
+            own_cpu_seconds: None,
+            peak_rss_kib: None,
+        };
+        r.insert((Workload::Udp64, s), vec![sample]);
+    }
+
+    #[test]
+    fn udp_kernel_path_is_judged_on_rate_and_cpu_per_round_trip() {
+        let mut r = Results::new();
+        udp_cell(&mut r, Subject::Direct, 100_000.0, 10.0);
+        udp_cell(&mut r, Subject::Plain, 40_000.0, 10.0);
+        udp_cell(&mut r, Subject::GoMmproxy, 30_000.0, 10.0);
+        // 0.95x direct, 3.2x go-mmproxy; 20 µs per round trip against
+        // plain's 50: 0.4x.
+        udp_cell(&mut r, Subject::Ebpf, 95_000.0, 9.5);
+        let all = udp_kernel_targets(&r);
+        let name = Workload::Udp64.name();
+        let direct = find(&all, &format!("{name}, ebpf / direct"));
+        assert_eq!(direct.verdict(), "met");
+        assert_eq!(
+            find(&all, &format!("{name}, ebpf / go-mmproxy")).verdict(),
+            "met"
+        );
+        let cpu = find(&all, &format!("{name}, CPU per round trip, ebpf / plain"));
+        assert_eq!(cpu.verdict(), "met");
+        assert!((cpu.measured.unwrap() - 0.4).abs() < 1e-9);
+        // Plain costing less per round trip than half of ebpf's misses.
+        udp_cell(&mut r, Subject::Plain, 40_000.0, 3.0);
+        let all = udp_kernel_targets(&r);
+        let cpu = find(&all, &format!("{name}, CPU per round trip, ebpf / plain"));
+        assert_eq!(cpu.verdict(), "**missed**");
+        let other = Workload::Udp1400.name();
+        assert_eq!(
+            find(&all, &format!("{other}, ebpf / direct")).verdict(),
+            "not measured"
+        );
     }
 
     #[test]
