@@ -90,11 +90,12 @@ pub struct ForwardAction {
     /// `--mark`, set on the forwarded skb (0: none). Ends at byte 64, so
     /// the counters are 8-byte aligned with no hidden padding.
     pub mark: u32,
-    /// Datagrams and payload bytes forwarded in the kernel.
+    /// Datagrams and payload bytes forwarded in the kernel. (No time of
+    /// the last one: the daemon's sweeper sees activity as these grow,
+    /// and a clock read per datagram cost 0.15 µs of a 13.7 µs round
+    /// trip in the profile.)
     pub packets: u64,
     pub bytes: u64,
-    /// `CLOCK_MONOTONIC` nanoseconds of the last one.
-    pub last_seen_ns: u64,
 }
 
 /// Finds a session from a backend's reply.
@@ -123,8 +124,6 @@ pub struct ReplyAction {
     /// Replies and their bytes relayed in the kernel.
     pub packets: u64,
     pub bytes: u64,
-    /// `CLOCK_MONOTONIC` nanoseconds of the last one.
-    pub last_seen_ns: u64,
 }
 
 /// Settings the program reads per datagram.
@@ -222,9 +221,9 @@ pub const UDP_COUNTER_SLOTS: u32 = UdpCounter::ALL.len() as u32;
 // The kernel side and userspace must agree on these layouts byte for byte.
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 const _: () = assert!(core::mem::size_of::<ForwardKey>() == 60);
-const _: () = assert!(core::mem::size_of::<ForwardAction>() == 88);
+const _: () = assert!(core::mem::size_of::<ForwardAction>() == 80);
 const _: () = assert!(core::mem::size_of::<ReplyKey>() == 40);
-const _: () = assert!(core::mem::size_of::<ReplyAction>() == 72);
+const _: () = assert!(core::mem::size_of::<ReplyAction>() == 64);
 const _: () = assert!(core::mem::size_of::<UdpConfig>() == 24);
 
 #[cfg(feature = "user")]

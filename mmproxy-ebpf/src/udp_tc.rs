@@ -43,7 +43,7 @@ use aya_ebpf::{
         TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
     },
     helpers::{
-        bpf_csum_diff, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_csum_diff, bpf_probe_read_kernel,
         generated::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh, bpf_skb_load_bytes},
     },
     macros::{classifier, map},
@@ -689,8 +689,6 @@ fn account_forward(ctx: &TcContext, action: &mut ForwardAction, payload_len: usi
     }
     add(&raw mut action.packets, 1);
     add(&raw mut action.bytes, payload_len as u64);
-    // SAFETY: plain helper call.
-    action.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     count(UdpCounter::Forwarded);
 }
 
@@ -765,8 +763,6 @@ fn send_reply(ctx: &TcContext, ifindex: u32) -> Result<i32, Broken> {
 fn account_reply(reply: &mut ReplyAction, payload_len: usize) {
     add(&raw mut reply.packets, 1);
     add(&raw mut reply.bytes, payload_len as u64);
-    // SAFETY: plain helper call.
-    reply.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     count(UdpCounter::Replied);
 }
 

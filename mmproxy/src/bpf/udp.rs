@@ -215,19 +215,9 @@ impl UdpDatapath {
         counts
     }
 
-    /// What the program has counted for a session, and the latest
-    /// `CLOCK_MONOTONIC` nanoseconds it saw a datagram either way.
-    pub fn counts(&self, session: &KernelSession) -> (SessionCounts, u64) {
-        let maps = self.lock();
-        let forward = maps
-            .forward
-            .get(&session.forward_key, 0)
-            .unwrap_or_default();
-        let reply = maps.reply.get(&session.reply_key, 0).unwrap_or_default();
-        (
-            counts_of(&forward, &reply),
-            forward.last_seen_ns.max(reply.last_seen_ns),
-        )
+    /// What the program has counted for a session.
+    pub fn counts(&self, session: &KernelSession) -> SessionCounts {
+        read_counts(&self.lock(), session)
     }
 
     /// Sum over CPUs of one program counter.

@@ -176,7 +176,7 @@ impl Offload {
 
     /// What the kernel counted since the last call.
     pub fn take_new_counts(&self) -> SessionCounts {
-        let (now, _) = self.path.datapath.counts(&self.entries);
+        let now = self.path.datapath.counts(&self.entries);
         self.advance(now)
     }
 
