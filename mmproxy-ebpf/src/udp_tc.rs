@@ -223,19 +223,172 @@ fn ingress(ctx: &TcContext) -> Result<Outcome, Broken> {
     }
     // SAFETY: a TC program's context is a valid __sk_buff.
     let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
-    // Replies first, then forwarding: each in a function of its own, so
-    // their stack frames are siblings (the verifier allows 512 bytes for
-    // the deepest chain of calls).
     match protocol {
-        ETH_P_IP => match reply_path4(ctx)? {
-            Outcome::NotOurs => forward_path4(ctx, config),
-            outcome => Ok(outcome),
-        },
-        ETH_P_IPV6 => match reply_path6(ctx)? {
-            Outcome::NotOurs => forward_path6(ctx, config),
-            outcome => Ok(outcome),
-        },
+        ETH_P_IP => datagram::<V4>(ctx, config),
+        ETH_P_IPV6 => datagram::<V6>(ctx, config),
         _ => Ok(Outcome::NotOurs),
+    }
+}
+
+/// Replies first, then forwarding: each in a function of its own, so
+/// their stack frames are siblings (the verifier allows 512 bytes for the
+/// deepest chain of calls). Each reads the headers itself: passing them
+/// down would stack two frames holding them.
+fn datagram<F: Family>(ctx: &TcContext, config: &UdpConfig) -> Result<Outcome, Broken> {
+    match reply_path::<F>(ctx)? {
+        Outcome::NotOurs if config.header_first == 0 => forward_unwrap::<F>(ctx, config),
+        Outcome::NotOurs => forward_flow::<F>(ctx, config),
+        outcome => Ok(outcome),
+    }
+}
+
+/// What differs between IPv4 and IPv6: header layouts, parsing, the
+/// checksum's pseudo header, rewriting in place.
+trait Family {
+    type Ip: Copy;
+    /// The PROXY v2 header for UDP over this family, without TLVs.
+    type Pp: Copy;
+    const IP_HLEN: usize;
+    /// The v2 header's family byte and address block length.
+    const PP_FAMILY: u8;
+    const PP_ADDRS: usize;
+    /// IPv6 makes the UDP checksum mandatory; IPv4 allows 0 (none).
+    const CHECKSUM_REQUIRED: bool;
+
+    /// The IP and UDP headers of a datagram the program can rewrite, or
+    /// what to do with one it cannot.
+    fn parse(ctx: &TcContext) -> Result<(Self::Ip, UdpHeader), Outcome>;
+    fn source(ip: &Self::Ip, udp: &UdpHeader) -> Endpoint;
+    fn destination(ip: &Self::Ip, udp: &UdpHeader) -> Endpoint;
+    /// The header's client and destination.
+    fn claimed(pp: &Self::Pp) -> (Endpoint, Endpoint);
+    /// The UDP payload's length (after the UDP header).
+    fn payload_len(ip: &Self::Ip) -> usize;
+    fn verifies(ip: &Self::Ip, udp: &UdpHeader, pp: &Self::Pp, payload_sum: u32) -> bool;
+    fn unwrap(
+        ctx: &TcContext,
+        ip: &Self::Ip,
+        action: &ForwardAction,
+        payload_len: usize,
+        payload_sum: u32,
+    ) -> Result<bool, Broken>;
+    fn rewrite(
+        ctx: &TcContext,
+        ip: &Self::Ip,
+        source: &Endpoint,
+        destination: &Endpoint,
+    ) -> Result<(), Broken>;
+    /// Why the backend cannot be reached from the arrival device.
+    fn cannot_reach_backend(
+        ctx: &TcContext,
+        config: &UdpConfig,
+        action: &ForwardAction,
+    ) -> Option<UdpCounter>;
+}
+
+/// IPv4.
+struct V4;
+/// IPv6.
+struct V6;
+
+impl Family for V4 {
+    type Ip = Ipv4Header;
+    type Pp = Pp2Udp4;
+    const IP_HLEN: usize = IPV4_HLEN;
+    const PP_FAMILY: u8 = PP2_UDP4;
+    const PP_ADDRS: usize = PP2_ADDR4;
+    const CHECKSUM_REQUIRED: bool = false;
+
+    fn parse(ctx: &TcContext) -> Result<(Ipv4Header, UdpHeader), Outcome> {
+        parse4(ctx)
+    }
+    fn source(ip: &Ipv4Header, udp: &UdpHeader) -> Endpoint {
+        endpoint4(ip.saddr, udp.sport)
+    }
+    fn destination(ip: &Ipv4Header, udp: &UdpHeader) -> Endpoint {
+        endpoint4(ip.daddr, udp.dport)
+    }
+    fn claimed(pp: &Pp2Udp4) -> (Endpoint, Endpoint) {
+        (endpoint4(pp.src, pp.sport), endpoint4(pp.dst, pp.dport))
+    }
+    fn payload_len(ip: &Ipv4Header) -> usize {
+        usize::from(u16::from_be_bytes(ip.total_len)).saturating_sub(IPV4_HLEN + UDP_HLEN)
+    }
+    fn verifies(ip: &Ipv4Header, udp: &UdpHeader, pp: &Pp2Udp4, payload_sum: u32) -> bool {
+        verifies4(ip, udp, pp, payload_sum)
+    }
+    fn unwrap(
+        ctx: &TcContext,
+        ip: &Ipv4Header,
+        action: &ForwardAction,
+        payload_len: usize,
+        payload_sum: u32,
+    ) -> Result<bool, Broken> {
+        unwrap4(ctx, ip, action, payload_len, payload_sum)
+    }
+    fn rewrite(
+        ctx: &TcContext,
+        ip: &Ipv4Header,
+        source: &Endpoint,
+        destination: &Endpoint,
+    ) -> Result<(), Broken> {
+        rewrite4(ctx, ip, source, destination)
+    }
+    fn cannot_reach_backend(
+        ctx: &TcContext,
+        config: &UdpConfig,
+        action: &ForwardAction,
+    ) -> Option<UdpCounter> {
+        cannot_reach_backend4(ctx, config, action)
+    }
+}
+
+impl Family for V6 {
+    type Ip = Ipv6Header;
+    type Pp = Pp2Udp6;
+    const IP_HLEN: usize = IPV6_HLEN;
+    const PP_FAMILY: u8 = PP2_UDP6;
+    const PP_ADDRS: usize = PP2_ADDR6;
+    const CHECKSUM_REQUIRED: bool = true;
+
+    fn parse(ctx: &TcContext) -> Result<(Ipv6Header, UdpHeader), Outcome> {
+        parse6(ctx)
+    }
+    fn source(ip: &Ipv6Header, udp: &UdpHeader) -> Endpoint {
+        endpoint6(ip.saddr, udp.sport)
+    }
+    fn destination(ip: &Ipv6Header, udp: &UdpHeader) -> Endpoint {
+        endpoint6(ip.daddr, udp.dport)
+    }
+    fn claimed(pp: &Pp2Udp6) -> (Endpoint, Endpoint) {
+        (endpoint6(pp.src, pp.sport), endpoint6(pp.dst, pp.dport))
+    }
+    fn payload_len(ip: &Ipv6Header) -> usize {
+        usize::from(u16::from_be_bytes(ip.payload_len)).saturating_sub(UDP_HLEN)
+    }
+    fn verifies(ip: &Ipv6Header, udp: &UdpHeader, pp: &Pp2Udp6, payload_sum: u32) -> bool {
+        verifies6(ip, udp, pp, payload_sum)
+    }
+    fn unwrap(
+        ctx: &TcContext,
+        ip: &Ipv6Header,
+        action: &ForwardAction,
+        payload_len: usize,
+        payload_sum: u32,
+    ) -> Result<bool, Broken> {
+        unwrap6(ctx, ip, action, payload_len, payload_sum)
+    }
+    fn rewrite(
+        ctx: &TcContext,
+        ip: &Ipv6Header,
+        source: &Endpoint,
+        destination: &Endpoint,
+    ) -> Result<(), Broken> {
+        rewrite6(ctx, ip, source, destination)
+    }
+    /// `::1` arriving on `lo` from another device is accepted there.
+    fn cannot_reach_backend(_: &TcContext, _: &UdpConfig, _: &ForwardAction) -> Option<UdpCounter> {
+        None
     }
 }
 
@@ -289,87 +442,34 @@ fn parse6(ctx: &TcContext) -> Result<(Ipv6Header, UdpHeader), Outcome> {
 }
 
 #[inline(never)]
-fn reply_path4(ctx: &TcContext) -> Result<Outcome, Broken> {
-    let (ip, udp) = match parse4(ctx) {
+fn reply_path<F: Family>(ctx: &TcContext) -> Result<Outcome, Broken> {
+    let (ip, udp) = match F::parse(ctx) {
         Ok(headers) => headers,
         // Counted, if at all, on the forward path.
         Err(_) => return Ok(Outcome::NotOurs),
     };
     let key = ReplyKey {
-        upstream: endpoint4(ip.daddr, udp.dport),
-        backend: endpoint4(ip.saddr, udp.sport),
+        upstream: F::destination(&ip, &udp),
+        backend: F::source(&ip, &udp),
     };
     match UDP_REPLY.get_ptr_mut(&key) {
         // SAFETY: map values stay valid for the program's run.
-        Some(reply) => reply4(ctx, &ip, unsafe { &mut *reply }),
+        Some(reply) => relay_reply::<F>(ctx, &ip, unsafe { &mut *reply }),
         None => Ok(Outcome::NotOurs),
     }
 }
 
-#[inline(never)]
-fn reply_path6(ctx: &TcContext) -> Result<Outcome, Broken> {
-    let (ip, udp) = match parse6(ctx) {
-        Ok(headers) => headers,
-        Err(_) => return Ok(Outcome::NotOurs),
-    };
-    let key = ReplyKey {
-        upstream: endpoint6(ip.daddr, udp.dport),
-        backend: endpoint6(ip.saddr, udp.sport),
-    };
-    match UDP_REPLY.get_ptr_mut(&key) {
-        // SAFETY: map values stay valid for the program's run.
-        Some(reply) => reply6(ctx, &ip, unsafe { &mut *reply }),
-        None => Ok(Outcome::NotOurs),
-    }
-}
-
-/// Forwarding: by the header in header mode, by the flow in
-/// first-datagram mode. Each reads the headers itself (passing them down
-/// would stack two frames holding them).
-fn forward_path4(ctx: &TcContext, config: &UdpConfig) -> Result<Outcome, Broken> {
-    if config.header_first == 0 {
-        forward4_unwrap(ctx, config)
-    } else {
-        forward4_flow(ctx, config)
-    }
-}
-
-fn forward_path6(ctx: &TcContext, config: &UdpConfig) -> Result<Outcome, Broken> {
-    if config.header_first == 0 {
-        forward6_unwrap(ctx, config)
-    } else {
-        forward6_flow(ctx)
-    }
-}
+// ---- forward, first-datagram mode: no header to remove ----
 
 #[inline(never)]
-fn forward4_flow(ctx: &TcContext, config: &UdpConfig) -> Result<Outcome, Broken> {
-    let (ip, udp) = match parse4(ctx) {
+fn forward_flow<F: Family>(ctx: &TcContext, config: &UdpConfig) -> Result<Outcome, Broken> {
+    let (ip, udp) = match F::parse(ctx) {
         Ok(headers) => headers,
         Err(outcome) => return Ok(outcome),
     };
-    match flow_action(
-        endpoint4(ip.saddr, udp.sport),
-        endpoint4(ip.daddr, udp.dport),
-    ) {
+    match flow_action(F::source(&ip, &udp), F::destination(&ip, &udp)) {
         // SAFETY: map values stay valid for the program's run.
-        Some(action) => forward4_as_is(ctx, config, &ip, unsafe { &mut *action }),
-        None => Ok(Outcome::NotOurs),
-    }
-}
-
-#[inline(never)]
-fn forward6_flow(ctx: &TcContext) -> Result<Outcome, Broken> {
-    let (ip, udp) = match parse6(ctx) {
-        Ok(headers) => headers,
-        Err(outcome) => return Ok(outcome),
-    };
-    match flow_action(
-        endpoint6(ip.saddr, udp.sport),
-        endpoint6(ip.daddr, udp.dport),
-    ) {
-        // SAFETY: map values stay valid for the program's run.
-        Some(action) => forward6_as_is(ctx, &ip, unsafe { &mut *action }),
+        Some(action) => forward_as_is::<F>(ctx, config, &ip, unsafe { &mut *action }),
         None => Ok(Outcome::NotOurs),
     }
 }
@@ -384,83 +484,32 @@ fn flow_action(balancer: Endpoint, listener: Endpoint) -> Option<*mut ForwardAct
     same(unsafe { &(*action).listener }, &listener).then_some(action)
 }
 
-// ---- forward, header mode ----
-
 #[inline(never)]
-fn forward4_unwrap(ctx: &TcContext, config: &UdpConfig) -> Result<Outcome, Broken> {
-    let (ip, udp) = match parse4(ctx) {
-        Ok(headers) => headers,
-        Err(outcome) => return Ok(outcome),
-    };
-    let (ip, udp) = (&ip, &udp);
-    let balancer = endpoint4(ip.saddr, udp.sport);
-    let listener = endpoint4(ip.daddr, udp.dport);
-    let pp_at = ETH_HLEN + IPV4_HLEN + UDP_HLEN;
-    let Ok(fixed) = ctx.load::<Pp2Fixed>(pp_at) else {
-        return Ok(Outcome::NotOurs);
-    };
-    if !is_pp2_signature(&fixed.signature) {
-        return Ok(Outcome::NotOurs);
-    }
-    if fixed.version_command != PP2_PROXY
-        || fixed.family != PP2_UDP4
-        || usize::from(u16::from_be_bytes(fixed.len)) != PP2_ADDR4
-    {
-        return Ok(Outcome::Passed(UdpCounter::PassedHeader));
-    }
-    let Ok(pp) = ctx.load::<Pp2Udp4>(pp_at) else {
-        return Ok(Outcome::Passed(UdpCounter::PassedShape));
-    };
-    let key = ForwardKey {
-        balancer,
-        client: endpoint4(pp.src, pp.sport),
-        destination: endpoint4(pp.dst, pp.dport),
-    };
-    let Some(action) = UDP_FORWARD.get_ptr_mut(&key) else {
-        return Ok(Outcome::Passed(UdpCounter::PassedNoSession));
-    };
-    // SAFETY: map values stay valid for the program's run.
-    let action = unsafe { &mut *action };
-    if !same(&action.listener, &listener) {
-        return Ok(Outcome::Passed(UdpCounter::PassedNoSession));
-    }
-    let header_len = PP2_FIXED + PP2_ADDR4;
-    let udp_len = usize::from(u16::from_be_bytes(udp.len));
-    let Some(payload_len) = udp_len.checked_sub(UDP_HLEN + header_len) else {
-        return Ok(Outcome::Passed(UdpCounter::PassedShape));
-    };
-    if payload_len > MAX_PAYLOAD as usize {
-        return Ok(Outcome::Passed(UdpCounter::PassedTooLarge));
-    }
-    if let Some(counter) = cannot_reach_backend4(ctx, config, action) {
+fn forward_as_is<F: Family>(
+    ctx: &TcContext,
+    config: &UdpConfig,
+    ip: &F::Ip,
+    action: &mut ForwardAction,
+) -> Result<Outcome, Broken> {
+    if let Some(counter) = F::cannot_reach_backend(ctx, config, action) {
         return Ok(Outcome::Passed(counter));
     }
-    let payload_at = pp_at + header_len;
-    let Some(payload_sum) = sum_payload(ctx, payload_at, payload_len) else {
-        return Ok(Outcome::Passed(UdpCounter::PassedShape));
-    };
-    if needs_verifying(ctx, config) && udp.check != [0, 0] && !verifies4(ip, udp, &pp, payload_sum)
-    {
-        return Ok(Outcome::Passed(UdpCounter::PassedBadChecksum));
-    }
-    // From here on the datagram is ours: it is forwarded or dropped.
-    if !unwrap4(ctx, ip, action, payload_len, payload_sum)? {
-        return Ok(Outcome::Passed(UdpCounter::Errors));
-    }
-    account_forward(ctx, action, payload_len);
+    let source = action.source;
+    let backend = action.backend;
+    F::rewrite(ctx, ip, &source, &backend)?;
+    account_forward(ctx, action, F::payload_len(ip));
     deliver_locally(ctx).map(Outcome::Done)
 }
 
+// ---- forward, header mode ----
+
 #[inline(never)]
-fn forward6_unwrap(ctx: &TcContext, config: &UdpConfig) -> Result<Outcome, Broken> {
-    let (ip, udp) = match parse6(ctx) {
+fn forward_unwrap<F: Family>(ctx: &TcContext, config: &UdpConfig) -> Result<Outcome, Broken> {
+    let (ip, udp) = match F::parse(ctx) {
         Ok(headers) => headers,
         Err(outcome) => return Ok(outcome),
     };
-    let (ip, udp) = (&ip, &udp);
-    let balancer = endpoint6(ip.saddr, udp.sport);
-    let listener = endpoint6(ip.daddr, udp.dport);
-    let pp_at = ETH_HLEN + IPV6_HLEN + UDP_HLEN;
+    let pp_at = ETH_HLEN + F::IP_HLEN + UDP_HLEN;
     let Ok(fixed) = ctx.load::<Pp2Fixed>(pp_at) else {
         return Ok(Outcome::NotOurs);
     };
@@ -468,43 +517,47 @@ fn forward6_unwrap(ctx: &TcContext, config: &UdpConfig) -> Result<Outcome, Broke
         return Ok(Outcome::NotOurs);
     }
     if fixed.version_command != PP2_PROXY
-        || fixed.family != PP2_UDP6
-        || usize::from(u16::from_be_bytes(fixed.len)) != PP2_ADDR6
+        || fixed.family != F::PP_FAMILY
+        || usize::from(u16::from_be_bytes(fixed.len)) != F::PP_ADDRS
     {
         return Ok(Outcome::Passed(UdpCounter::PassedHeader));
     }
-    let Ok(pp) = ctx.load::<Pp2Udp6>(pp_at) else {
+    let Ok(pp) = ctx.load::<F::Pp>(pp_at) else {
         return Ok(Outcome::Passed(UdpCounter::PassedShape));
     };
+    let (client, destination) = F::claimed(&pp);
     let key = ForwardKey {
-        balancer,
-        client: endpoint6(pp.src, pp.sport),
-        destination: endpoint6(pp.dst, pp.dport),
+        balancer: F::source(&ip, &udp),
+        client,
+        destination,
     };
     let Some(action) = UDP_FORWARD.get_ptr_mut(&key) else {
         return Ok(Outcome::Passed(UdpCounter::PassedNoSession));
     };
     // SAFETY: map values stay valid for the program's run.
     let action = unsafe { &mut *action };
-    if !same(&action.listener, &listener) {
+    if !same(&action.listener, &F::destination(&ip, &udp)) {
         return Ok(Outcome::Passed(UdpCounter::PassedNoSession));
     }
-    let header_len = PP2_FIXED + PP2_ADDR6;
-    let udp_len = usize::from(u16::from_be_bytes(udp.len));
-    let Some(payload_len) = udp_len.checked_sub(UDP_HLEN + header_len) else {
+    let header_len = PP2_FIXED + F::PP_ADDRS;
+    let Some(payload_len) = F::payload_len(&ip).checked_sub(header_len) else {
         return Ok(Outcome::Passed(UdpCounter::PassedShape));
     };
     if payload_len > MAX_PAYLOAD as usize {
         return Ok(Outcome::Passed(UdpCounter::PassedTooLarge));
     }
-    let payload_at = pp_at + header_len;
-    let Some(payload_sum) = sum_payload(ctx, payload_at, payload_len) else {
+    if let Some(counter) = F::cannot_reach_backend(ctx, config, action) {
+        return Ok(Outcome::Passed(counter));
+    }
+    let Some(payload_sum) = sum_payload(ctx, pp_at + header_len, payload_len) else {
         return Ok(Outcome::Passed(UdpCounter::PassedShape));
     };
-    if needs_verifying(ctx, config) && !verifies6(ip, udp, &pp, payload_sum) {
+    let has_checksum = F::CHECKSUM_REQUIRED || udp.check != [0, 0];
+    if needs_verifying(ctx, config) && has_checksum && !F::verifies(&ip, &udp, &pp, payload_sum) {
         return Ok(Outcome::Passed(UdpCounter::PassedBadChecksum));
     }
-    if !unwrap6(ctx, ip, action, payload_len, payload_sum)? {
+    // From here on the datagram is ours: it is forwarded or dropped.
+    if !F::unwrap(ctx, &ip, action, payload_len, payload_sum)? {
         return Ok(Outcome::Passed(UdpCounter::Errors));
     }
     account_forward(ctx, action, payload_len);
@@ -634,40 +687,6 @@ fn unwrap6(
     Ok(true)
 }
 
-// ---- forward, first-datagram mode: no header to remove ----
-
-#[inline(never)]
-fn forward4_as_is(
-    ctx: &TcContext,
-    config: &UdpConfig,
-    ip: &Ipv4Header,
-    action: &mut ForwardAction,
-) -> Result<Outcome, Broken> {
-    if let Some(counter) = cannot_reach_backend4(ctx, config, action) {
-        return Ok(Outcome::Passed(counter));
-    }
-    let source = action.source;
-    let backend = action.backend;
-    rewrite4(ctx, ip, &source, &backend)?;
-    let payload_len = usize::from(u16::from_be_bytes(ip.total_len)) - IPV4_HLEN - UDP_HLEN;
-    account_forward(ctx, action, payload_len);
-    deliver_locally(ctx).map(Outcome::Done)
-}
-
-#[inline(never)]
-fn forward6_as_is(
-    ctx: &TcContext,
-    ip: &Ipv6Header,
-    action: &mut ForwardAction,
-) -> Result<Outcome, Broken> {
-    let source = action.source;
-    let backend = action.backend;
-    rewrite6(ctx, ip, &source, &backend)?;
-    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len)).saturating_sub(UDP_HLEN);
-    account_forward(ctx, action, payload_len);
-    deliver_locally(ctx).map(Outcome::Done)
-}
-
 /// Why an IPv4 datagram cannot be delivered to a 127/8 backend from the
 /// device it arrived on: redirected to `lo` without a route, the stack
 /// drops it as martian unless `lo` has `route_localnet` and `accept_local`
@@ -709,28 +728,18 @@ fn deliver_locally(ctx: &TcContext) -> Result<i32, Broken> {
 // ---- replies ----
 
 #[inline(never)]
-fn reply4(ctx: &TcContext, ip: &Ipv4Header, reply: &mut ReplyAction) -> Result<Outcome, Broken> {
+fn relay_reply<F: Family>(
+    ctx: &TcContext,
+    ip: &F::Ip,
+    reply: &mut ReplyAction,
+) -> Result<Outcome, Broken> {
     if !fits_reply_device(ctx, reply) {
         return Ok(Outcome::Passed(UdpCounter::PassedReplyRoute));
     }
     let listener = reply.listener;
     let balancer = reply.balancer;
-    rewrite4(ctx, ip, &listener, &balancer)?;
-    let payload_len = usize::from(u16::from_be_bytes(ip.total_len)) - IPV4_HLEN - UDP_HLEN;
-    account_reply(reply, payload_len);
-    send_reply(ctx, reply.ifindex).map(Outcome::Done)
-}
-
-#[inline(never)]
-fn reply6(ctx: &TcContext, ip: &Ipv6Header, reply: &mut ReplyAction) -> Result<Outcome, Broken> {
-    if !fits_reply_device(ctx, reply) {
-        return Ok(Outcome::Passed(UdpCounter::PassedReplyRoute));
-    }
-    let listener = reply.listener;
-    let balancer = reply.balancer;
-    rewrite6(ctx, ip, &listener, &balancer)?;
-    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len)).saturating_sub(UDP_HLEN);
-    account_reply(reply, payload_len);
+    F::rewrite(ctx, ip, &listener, &balancer)?;
+    account_reply(reply, F::payload_len(ip));
     send_reply(ctx, reply.ifindex).map(Outcome::Done)
 }
 
