@@ -131,6 +131,32 @@ pub fn bpf(config: &Config) -> CheckLine {
     }
 }
 
+/// ebpf mode's UDP kernel path from remote balancers over IPv4 needs `lo`
+/// to take 127/8 redirected from other devices (docs/udp-datapath.md);
+/// without it those datagrams take the userspace path. Never required.
+pub fn udp_kernel_path(config: &Config) -> Option<CheckLine> {
+    let applies =
+        config.protocols.udp && config.mode != Mode::Plain && config.target4.ip().is_loopback();
+    if !applies {
+        return None;
+    }
+    let passed = crate::bpf::udp::lo_localnet();
+    Some(CheckLine {
+        passed,
+        required: false,
+        what: "lo takes 127/8 from other devices (UDP kernel path for remote IPv4 balancers)"
+            .to_owned(),
+        why: (!passed).then(|| {
+            "net.ipv4.conf.lo.route_localnet and accept_local are not both 1: those datagrams \
+             take the userspace path"
+                .to_owned()
+        }),
+        fix: (!passed).then(|| {
+            "sysctl -w net.ipv4.conf.lo.route_localnet=1 net.ipv4.conf.lo.accept_local=1".to_owned()
+        }),
+    })
+}
+
 /// Each TCP target, reached once normally and once from a spoofed
 /// documentation address (which needs the routing to get its SYN-ACK).
 /// `routing_pending`: the routing is missing and `--setup-routes` will add
@@ -205,6 +231,7 @@ pub async fn all(config: &Config) -> Vec<CheckLine> {
         .any(|l| l.why.as_deref() == Some(ADDED_AT_START));
     lines.extend(backends(config, routing_pending).await);
     lines.push(bpf(config));
+    lines.extend(udp_kernel_path(config));
     lines
 }
 

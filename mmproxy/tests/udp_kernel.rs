@@ -476,3 +476,47 @@ fn stop_any(mut d: Daemon) -> (String, Option<String>) {
         .find(|l| l.contains("udp kernel program counters"));
     (counters, program)
 }
+
+/// `mmproxy check` says whether `lo` takes 127/8 from other devices, as an
+/// INFO line with the fix (the userspace path still works without it),
+/// and PASS once the two sysctls are set.
+#[test]
+fn check_names_the_lo_sysctls_the_ipv4_kernel_path_needs() {
+    for set in [false, true] {
+        let Some(topo) = Topology::new("udp_kernel_check", set) else {
+            return;
+        };
+        let out = topo
+            .daemon
+            .command(support::daemon_binary())
+            .args([
+                "check",
+                "-p",
+                "udp",
+                "-l",
+                "[::]:8443",
+                "-4",
+                BACKEND4,
+                "--mode",
+                "ebpf",
+            ])
+            .output()
+            .expect("run mmproxy check");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("lo takes 127/8 from other devices"))
+            .unwrap_or_else(|| panic!("no lo line in:\n{text}"));
+        if set {
+            assert!(line.starts_with("PASS"), "{text}");
+        } else {
+            assert!(line.starts_with("INFO"), "{text}");
+            assert!(
+                text.contains(
+                    "fix: sysctl -w net.ipv4.conf.lo.route_localnet=1 net.ipv4.conf.lo.accept_local=1"
+                ),
+                "{text}"
+            );
+        }
+    }
+}
