@@ -35,6 +35,11 @@ pub const SCRATCH_MAP: &str = "UDP_SCRATCH";
 /// The `classifier` program, attached to ingress.
 pub const PROGRAM: &str = "udp_ingress";
 
+/// `lo`'s interface index, the same in every network namespace
+/// (`LOOPBACK_IFINDEX` in the kernel): where the program delivers to local
+/// backends, and the device of a balancer on this host.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
 /// Entries of the session maps unless userspace sets
 /// `--max-udp-sessions` at load time.
 pub const DEFAULT_MAX_SESSIONS: u32 = 65_536;

@@ -51,8 +51,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mmproxy_common::udp::{
-    CHUNK_BYTES, DEFAULT_MAX_SESSIONS, Endpoint, ForwardAction, ForwardKey, MAX_PAYLOAD,
-    ReplyAction, ReplyKey, SCRATCH_BYTES, UDP_COUNTER_SLOTS, UdpConfig, UdpCounter,
+    CHUNK_BYTES, DEFAULT_MAX_SESSIONS, Endpoint, ForwardAction, ForwardKey, LOOPBACK_IFINDEX,
+    MAX_PAYLOAD, ReplyAction, ReplyKey, SCRATCH_BYTES, UDP_COUNTER_SLOTS, UdpConfig, UdpCounter,
 };
 
 #[map(name = "UDP_FORWARD")]
@@ -83,8 +83,6 @@ const IPPROTO_UDP: u8 = 17;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
-/// `lo` is ifindex 1 in every network namespace (`LOOPBACK_IFINDEX`).
-const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The PROXY protocol v2 signature, then version 2 + PROXY, then the
 /// family byte for UDP over IPv4 and over IPv6.

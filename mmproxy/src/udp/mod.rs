@@ -28,6 +28,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use mmproxy_common::udp::LOOPBACK_IFINDEX;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -431,9 +432,6 @@ fn balancer_device(meta: &Datagram) -> Option<u32> {
         _ => is_local_address(meta.from.ip().to_canonical()).then_some(LOOPBACK_IFINDEX),
     }
 }
-
-/// `lo`'s index in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Whether `ip` is an address of this host: a loopback one, or one a
 /// socket can bind without `IP_TRANSPARENT`.
