@@ -87,22 +87,17 @@ impl KernelPath {
             .collect()
     }
 
-    /// Writes a session into the program's maps. `Ok(None)`: the session
-    /// is not one the program can carry; it stays in userspace.
-    pub fn offload(
-        self: &Arc<Self>,
-        route: &SessionRoute,
-    ) -> Result<Option<Offload>, aya::maps::MapError> {
-        if eligibility(route).is_err() {
-            return Ok(None);
-        }
+    /// Writes a session into the program's maps. The caller has checked
+    /// [`eligibility`] (and says why a session stays in userspace).
+    pub fn offload(self: &Arc<Self>, route: &SessionRoute) -> Result<Offload, aya::maps::MapError> {
+        debug_assert!(eligibility(route).is_ok(), "{route:?}");
         let entries = self.entries(route);
         self.datapath.install(&entries)?;
-        Ok(Some(Offload {
+        Ok(Offload {
             path: self.clone(),
             entries,
             seen: Mutex::new(SessionCounts::default()),
-        }))
+        })
     }
 
     fn entries(&self, route: &SessionRoute) -> KernelSession {

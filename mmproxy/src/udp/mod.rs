@@ -186,10 +186,7 @@ impl UdpProxy {
             if session.sync_kernel(now) {
                 self.sessions.promote(&session.key);
             }
-            if session
-                .offloaded_balancer()
-                .is_some_and(|balancer| !allowed.allows(balancer))
-            {
+            if !allowed.allows(session.key.frontend.ip().to_canonical()) {
                 session.end_offload();
             }
         }
@@ -248,14 +245,15 @@ impl UdpProxy {
             upstream,
             backend: session.route.backend,
         };
+        if let Err(why) = kernel::eligibility(&route) {
+            debug!(client = %client, backend = %route.backend, ?why, "UDP session stays in userspace");
+            return;
+        }
         match kernel.offload(&route) {
-            Ok(Some(offload)) => {
+            Ok(offload) => {
                 session.set_offload(offload);
                 inc(&self.stats.sessions_offloaded);
                 debug!(client = %client, %listener, balancer_ifindex, "UDP session handed to the kernel path");
-            }
-            Ok(None) => {
-                debug!(client = %client, backend = %route.backend, "UDP session stays in userspace (mixed families or a remote backend)");
             }
             Err(e) => {
                 inc(&self.stats.offload_failures);

@@ -220,13 +220,6 @@ impl Session {
         counts.forwarded > 0
     }
 
-    /// The balancer address of an offloaded session.
-    pub fn offloaded_balancer(&self) -> Option<IpAddr> {
-        self.offload_slot()
-            .as_ref()
-            .map(|_| self.key.frontend.ip().to_canonical())
-    }
-
     /// Takes the session out of the kernel path, counting what it did.
     pub fn end_offload(&self) {
         if let Some(offload) = self.offload_slot().take() {
