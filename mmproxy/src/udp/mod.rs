@@ -211,7 +211,7 @@ impl UdpProxy {
         let Some((session, opened)) = self.session_for(c.key, c.route, socket, meta) else {
             return;
         };
-        session.forward(c.payload, &self.stats, self.clock.now_ms());
+        session.forward(c.payload, self.clock.now_ms());
         // Handed to the kernel only after its first datagram is on its
         // way, so the kernel's first one cannot overtake it.
         if opened

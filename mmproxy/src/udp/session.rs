@@ -132,7 +132,7 @@ impl Session {
             offload: Mutex::new(None),
             stats: stats.clone(),
         });
-        tokio::spawn(session.clone().relay_replies(stats));
+        tokio::spawn(session.clone().relay_replies());
         Ok(session)
     }
 
@@ -142,7 +142,8 @@ impl Session {
     /// send goes straight to the kernel: tokio's `try_send` would report
     /// `WouldBlock` on a fresh socket whose writability the reactor has
     /// not seen yet, dropping every session's first datagram.
-    pub fn forward(&self, payload: &[u8], stats: &UdpStats, now_ms: u64) {
+    pub fn forward(&self, payload: &[u8], now_ms: u64) {
+        let stats = &self.stats;
         self.touch(now_ms);
         for attempt in 0..2 {
             match rustix::net::send(&self.upstream, payload, rustix::net::SendFlags::DONTWAIT)
@@ -241,7 +242,8 @@ impl Session {
         }
     }
 
-    async fn relay_replies(self: Arc<Self>, stats: Arc<UdpStats>) {
+    async fn relay_replies(self: Arc<Self>) {
+        let stats = &self.stats;
         loop {
             // Errors too: in ebpf mode the kernel forwards the flow and no
             // send of ours would pick up an ICMP error the backend caused.
@@ -250,17 +252,19 @@ impl Session {
                 ready = self.upstream.ready(Interest::READABLE | Interest::ERROR) => match ready {
                     Ok(ready) => ready,
                     Err(e) => {
-                        self.fail(&stats, &e);
+                        self.fail(&e);
                         return;
                     }
                 },
             };
             if ready.is_error() && !ready.is_readable() {
-                self.take_error(&stats);
+                if self.take_error() {
+                    return;
+                }
                 continue;
             }
             loop {
-                match self.read_and_reply(&stats) {
+                match self.read_and_reply() {
                     ReplyStep::Sent => {}
                     ReplyStep::Pending(copy) => {
                         if let Err(e) = self.send_reply(&copy).await {
@@ -273,7 +277,7 @@ impl Session {
                     ReplyStep::Unreachable => inc(&stats.upstream_unreachable),
                     ReplyStep::Drained => break,
                     ReplyStep::Failed(e) => {
-                        self.fail(&stats, &e);
+                        self.fail(&e);
                         return;
                     }
                 }
@@ -287,20 +291,26 @@ impl Session {
 
     /// Reads and clears the socket's pending error (`SO_ERROR`): an ICMP
     /// error from the backend's path is counted, as a failed send counts
-    /// it; any other fails the session.
-    fn take_error(&self, stats: &UdpStats) {
+    /// it; any other fails the session (`true`), as a failed read does.
+    fn take_error(&self) -> bool {
+        let mut failed = false;
         let _ = self.upstream.try_io(Interest::ERROR, || {
             match self.upstream.take_error() {
-                Ok(Some(e)) if is_icmp_error(&e) => inc(&stats.upstream_unreachable),
-                Ok(Some(e)) => self.fail(stats, &e),
+                Ok(Some(e)) if is_icmp_error(&e) => inc(&self.stats.upstream_unreachable),
+                Ok(Some(e)) => {
+                    self.fail(&e);
+                    failed = true;
+                }
                 Ok(None) | Err(_) => {}
             }
             // Clears tokio's error readiness until the next error.
             Err::<(), _>(io::ErrorKind::WouldBlock.into())
         });
+        failed
     }
 
-    fn read_and_reply(&self, stats: &UdpStats) -> ReplyStep {
+    fn read_and_reply(&self) -> ReplyStep {
+        let stats = &self.stats;
         REPLY_BUF.with_borrow_mut(|buf| match self.upstream.try_recv(buf) {
             Ok(len) => match self.frontend.try_send(&buf[..len], self.key.frontend, self.reply_from) {
                 Ok(()) => {
@@ -328,8 +338,8 @@ impl Session {
             .await
     }
 
-    fn fail(&self, stats: &UdpStats, e: &io::Error) {
-        inc(&stats.sessions_failed);
+    fn fail(&self, e: &io::Error) {
+        inc(&self.stats.sessions_failed);
         // The next datagram must reach userspace to reopen the session.
         self.end_offload();
         debug!(client = ?self.key.client, error = %e, "upstream socket failed; the next datagram reopens the session");
