@@ -151,9 +151,7 @@ pub fn udp_kernel_path(config: &Config) -> Option<CheckLine> {
              take the userspace path"
                 .to_owned()
         }),
-        fix: (!passed).then(|| {
-            "sysctl -w net.ipv4.conf.lo.route_localnet=1 net.ipv4.conf.lo.accept_local=1".to_owned()
-        }),
+        fix: (!passed).then(|| crate::bpf::udp::LO_LOCALNET_FIX.to_owned()),
     })
 }
 

@@ -312,6 +312,11 @@ fn ip_summed_bits() -> Result<(u32, u32), UdpLoadError> {
     Ok((bits / 8, bits % 8))
 }
 
+/// What sets the two sysctls [`lo_localnet`] reads (the daemon's log and
+/// `mmproxy check` both name it).
+pub const LO_LOCALNET_FIX: &str =
+    "sysctl -w net.ipv4.conf.lo.route_localnet=1 net.ipv4.conf.lo.accept_local=1";
+
 /// Whether `net.ipv4.conf.lo.route_localnet` and `accept_local` are both
 /// 1 in this network namespace.
 pub fn lo_localnet() -> bool {

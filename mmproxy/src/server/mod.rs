@@ -485,9 +485,10 @@ fn udp_kernel_path(config: &Config) -> Result<Option<Arc<KernelPath>>, StartErro
     }
     if !datapath.lo_localnet() && config.target4.ip().is_loopback() {
         info!(
+            fix = crate::bpf::udp::LO_LOCALNET_FIX,
             "udp: net.ipv4.conf.lo.route_localnet and accept_local are not both 1: IPv4 datagrams \
-             arriving on devices other than lo take the userspace path to the 127/8 backend (set \
-             both to 1 for the kernel path; they concern only what arrives on lo)"
+             arriving on devices other than lo take the userspace path to the 127/8 backend (the \
+             sysctls concern only what arrives on lo)"
         );
     }
     Ok(Some(Arc::new(kernel)))
