@@ -93,6 +93,24 @@ pub struct SessionCounts {
     pub replied_bytes: u64,
 }
 
+/// How the program is attached to a device's ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attachment {
+    /// A TCX link (Linux 6.6+), owned by this process: gone with it.
+    Tcx,
+    /// A filter on a `clsact` qdisc: a killed process leaves it behind.
+    Clsact,
+}
+
+impl Attachment {
+    pub fn name(self) -> &'static str {
+        match self {
+            Attachment::Tcx => "tcx",
+            Attachment::Clsact => "clsact",
+        }
+    }
+}
+
 /// The loaded, attached program and its maps. Dropping it detaches the
 /// program from every device.
 pub struct UdpDatapath {
@@ -101,7 +119,7 @@ pub struct UdpDatapath {
     maps: Mutex<Maps>,
     counters: PerCpuArray<MapData, u64>,
     devices: Vec<String>,
-    attach: &'static str,
+    attachment: Attachment,
     lo_localnet: bool,
 }
 
@@ -109,7 +127,7 @@ impl std::fmt::Debug for UdpDatapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UdpDatapath")
             .field("devices", &self.devices)
-            .field("attach", &self.attach)
+            .field("attachment", &self.attachment)
             .finish_non_exhaustive()
     }
 }
@@ -159,14 +177,14 @@ impl UdpDatapath {
         };
         let counters = take(&mut ebpf, COUNTERS_MAP)?;
         let devices = devices()?;
-        let attach = attach(&mut ebpf, &devices)?;
+        let attachment = attach(&mut ebpf, &devices)?;
         crate::memory::release_free_heap();
         Ok(Self {
             _ebpf: ebpf,
             maps: Mutex::new(maps),
             counters,
             devices,
-            attach,
+            attachment,
             lo_localnet,
         })
     }
@@ -176,9 +194,8 @@ impl UdpDatapath {
         &self.devices
     }
 
-    /// `tcx` or `clsact`.
-    pub fn attach_kind(&self) -> &'static str {
-        self.attach
+    pub fn attachment(&self) -> Attachment {
+        self.attachment
     }
 
     /// Whether `lo` takes IPv4 datagrams for 127/8 redirected from other
@@ -262,9 +279,9 @@ fn remove_entries(maps: &mut Maps, session: &KernelSession) {
     let _ = maps.reply.remove(&session.reply_key);
 }
 
-/// Attaches the program to the ingress of each device; `tcx` where the
+/// Attaches the program to the ingress of each device; with TCX where the
 /// kernel has it.
-fn attach(ebpf: &mut aya::Ebpf, devices: &[String]) -> Result<&'static str, UdpLoadError> {
+fn attach(ebpf: &mut aya::Ebpf, devices: &[String]) -> Result<Attachment, UdpLoadError> {
     let program: &mut SchedClassifier = ebpf
         .program_mut(PROGRAM)
         .ok_or(UdpLoadError::MissingProgram)?
@@ -284,7 +301,11 @@ fn attach(ebpf: &mut aya::Ebpf, devices: &[String]) -> Result<&'static str, UdpL
                 source,
             })?;
     }
-    Ok(if tcx { "tcx" } else { "clsact" })
+    Ok(if tcx {
+        Attachment::Tcx
+    } else {
+        Attachment::Clsact
+    })
 }
 
 /// `lo` and every Ethernet device, by name, sorted.

@@ -24,6 +24,7 @@ use self::{
 };
 use crate::{
     activation::{self, Inherited},
+    bpf::udp::Attachment,
     check,
     config::{AllowedSubnets, Config},
     connection::TcpProxy,
@@ -474,10 +475,10 @@ fn udp_kernel_path(config: &Config) -> Result<Option<Arc<KernelPath>>, StartErro
     let datapath = kernel.datapath();
     info!(
         devices = %datapath.devices().join(","),
-        attach = datapath.attach_kind(),
+        attach = datapath.attachment().name(),
         "udp: kernel path attached (ingress)"
     );
-    if datapath.attach_kind() == "clsact" {
+    if datapath.attachment() == Attachment::Clsact {
         warn!(
             "udp: this kernel has no TCX (Linux 6.6+): the program sits in a clsact filter, which a \
              killed daemon leaves behind (tc filter del dev DEVICE ingress)"
