@@ -130,7 +130,7 @@ impl Session {
             failed: AtomicBool::new(false),
             closed: CancellationToken::new(),
             offload: Mutex::new(None),
-            stats: stats.clone(),
+            stats,
         });
         tokio::spawn(session.clone().relay_replies());
         Ok(session)
