@@ -13,8 +13,8 @@ use std::{
 };
 
 use support::{
-    Backend, BackendKind, Daemon, GREETING, Netns, connect_with_header, header, netns_or_skip,
-    round_trip, sa, wait_closed,
+    Backend, BackendKind, Background, Daemon, GREETING, Netns, connect_with_header, header,
+    netns_or_skip, round_trip, sa, wait_closed,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -856,12 +856,9 @@ fn wait_listening(ns: &Netns, port: u16) {
 /// The client host connects through a real balancer in front of mmproxy;
 /// the backend must see the client's own address and port. While the
 /// client holds its connection open, `ss` in the proxy's namespace shows
-/// the upstream socket mmproxy opened to the backend.
+/// the upstream socket mmproxy opened to the backend. The caller keeps an
+/// echo backend running on `BACKEND4` (`echo_backend`).
 fn through_balancer(ns: &Netns, client_ns: &Netns, balancer_port: u16) {
-    let _backend = ns.spawn(async {
-        let _backend = Backend::start(BACKEND4, BackendKind::Echo).await;
-        std::future::pending::<()>().await;
-    });
     let proxy_ns = ns.name.clone();
     let (client_port, upstream_sockets) = client_ns.run(async move {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -896,6 +893,19 @@ fn through_balancer(ns: &Netns, client_ns: &Netns, balancer_port: u16) {
     );
 }
 
+/// One echo backend for a whole test. Started once per balancer pass, its
+/// port could still be held when the next pass binds it: the listener's
+/// file stays open while any thread of this test process is between
+/// `fork` and `exec` (the tests spawn `ip`, `ss` and balancers in parallel),
+/// which is the likely reason the second bind failed with `EADDRINUSE` once
+/// in CI (not reproduced in 60 runs alone).
+fn echo_backend(ns: &Netns) -> Background {
+    ns.spawn(async {
+        let _backend = Backend::start(BACKEND4, BackendKind::Echo).await;
+        std::future::pending::<()>().await;
+    })
+}
+
 fn haproxy_send_proxy_v1_and_v2(mode: &'static str) {
     let Some(ns) = netns_or_skip("haproxy") else {
         return;
@@ -918,6 +928,7 @@ fn haproxy_send_proxy_v1_and_v2(mode: &'static str) {
     let _haproxy = Helper::spawn(haproxy, "haproxy (apt-get install haproxy)");
     wait_listening(&ns, 7001);
     wait_listening(&ns, 7002);
+    let _backend = echo_backend(&ns);
     through_balancer(&ns, &client_ns, 7001);
     through_balancer(&ns, &client_ns, 7002);
 }
@@ -945,5 +956,6 @@ fn nginx_stream_proxy_protocol(mode: &'static str) {
     nginx.arg("-p").arg(&dir).arg("-c").arg(&cfg);
     let _nginx = Helper::spawn(nginx, "nginx (apt-get install nginx libnginx-mod-stream)");
     wait_listening(&ns, 7003);
+    let _backend = echo_backend(&ns);
     through_balancer(&ns, &client_ns, 7003);
 }
