@@ -44,6 +44,30 @@ async fn echo(stream: TcpStream) {
     let _ = w.shutdown().await;
 }
 
+/// The same echo on a runtime of its own with `threads` workers, so that
+/// a workload's own tasks (flood writers) do not delay the backend's
+/// replies. Runs until the returned runtime is dropped.
+pub(crate) fn tcp_echo_threaded(
+    addr: SocketAddr,
+    threads: usize,
+) -> Result<tokio::runtime::Runtime> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("echo-backend")
+        .enable_all()
+        .build()?;
+    let listener = {
+        let _entered = runtime.enter();
+        bind_tcp(addr)?
+    };
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(echo(stream));
+        }
+    });
+    Ok(runtime)
+}
+
 /// Reads and discards every TCP connection, counting bytes.
 pub(crate) fn tcp_sink(addr: SocketAddr) -> Result<Arc<SinkCounter>> {
     let listener = bind_tcp(addr)?;

@@ -51,6 +51,17 @@ enum Workload {
         #[arg(long, default_value_t = 64)]
         size: usize,
     },
+    /// Interactive request/response connections beside full-duplex
+    /// floods through the same target to the same echo backend: how long
+    /// a small request waits behind bulk traffic.
+    Mixed {
+        /// Request/response connections (64 B each way).
+        #[arg(long, default_value_t = 8)]
+        interactive: u16,
+        /// Connections writing and reading 64 KiB chunks without pause.
+        #[arg(long, default_value_t = 8)]
+        floods: u16,
+    },
     /// New connections per second: header, 64 bytes, read the echo, close.
     Cps {
         #[arg(long, default_value_t = 16)]
@@ -68,12 +79,25 @@ enum Workload {
     },
 }
 
+/// Worker threads of the mixed workload's echo backend: enough that the
+/// backend is not where a request waits on two cores.
+const MIXED_BACKEND_THREADS: usize = 4;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let duration = Duration::from_secs_f64(cli.seconds);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // The mixed workload's backend runs on a runtime of its own, started
+    // (and later stopped) outside the generator's.
+    let own_backend = match cli.workload {
+        Workload::Mixed { .. } => Some(backend::tcp_echo_threaded(
+            cli.backend,
+            MIXED_BACKEND_THREADS,
+        )?),
+        _ => None,
+    };
     let report = runtime.block_on(async {
         let load = workload::Load {
             target: cli.target,
@@ -93,6 +117,10 @@ fn main() -> anyhow::Result<()> {
                 backend::tcp_echo(cli.backend)?;
                 workload::request_response(&load, connections, size).await
             }
+            Workload::Mixed {
+                interactive,
+                floods,
+            } => workload::mixed(&load, interactive, floods).await,
             Workload::Cps { concurrency } => {
                 backend::tcp_echo(cli.backend)?;
                 workload::connections_per_second(&load, concurrency).await
@@ -112,5 +140,8 @@ fn main() -> anyhow::Result<()> {
     }
     // Backends and stragglers are abandoned with the runtime.
     runtime.shutdown_timeout(Duration::from_millis(100));
+    if let Some(backend) = own_backend {
+        backend.shutdown_timeout(Duration::from_millis(100));
+    }
     Ok(())
 }

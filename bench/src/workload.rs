@@ -182,6 +182,90 @@ pub(crate) async fn request_response(load: &Load, connections: u16, size: usize)
     ])
 }
 
+/// Interactive connections doing 64 B request/response while flood
+/// connections write and read 64 KiB chunks full duplex, all through the
+/// target to one echo backend. The interactive clients are plain threads
+/// with blocking sockets: on the generator's runtime they would queue
+/// behind its own flood tasks and measure the generator, not the target.
+pub(crate) async fn mixed(load: &Load, interactive: u16, floods: u16) -> Result<Report> {
+    const SIZE: usize = 64;
+    let chunk: Arc<[u8]> = vec![0x5au8; 65_536].into();
+    let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut flood_tasks = tokio::task::JoinSet::new();
+    for i in 0..floods {
+        let stream = connect(load, client_for(u64::from(i))).await?;
+        let (mut r, mut w) = stream.into_split();
+        let (chunk, up, down) = (chunk.clone(), up.clone(), down.clone());
+        flood_tasks.spawn(async move {
+            while w.write_all(&chunk).await.is_ok() {
+                up.fetch_add(chunk.len() as u64, Relaxed);
+            }
+        });
+        flood_tasks.spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n @ 1..) = r.read(&mut buf).await {
+                down.fetch_add(n as u64, Relaxed);
+            }
+        });
+    }
+    let mut interactive_streams = Vec::new();
+    for i in 0..interactive {
+        let stream = connect(load, client_for(u64::from(floods + i))).await?;
+        interactive_streams.push(stream.into_std()?);
+    }
+    // Let the floods reach steady state before the window opens.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (up_before, down_before) = (up.load(Relaxed), down.load(Relaxed));
+    let start = std::time::Instant::now();
+    let deadline = start + load.duration;
+    let clients: Vec<_> = interactive_streams
+        .into_iter()
+        .map(|stream| {
+            std::thread::spawn(move || -> Result<Histogram<u64>> {
+                use std::io::{Read as _, Write as _};
+                let mut stream = stream;
+                stream.set_nonblocking(false)?;
+                let mut hist = Histogram::<u64>::new(3).expect("3 significant digits");
+                let (msg, mut buf) = ([0x42u8; SIZE], [0u8; SIZE]);
+                while std::time::Instant::now() < deadline {
+                    let t = std::time::Instant::now();
+                    stream.write_all(&msg)?;
+                    stream.read_exact(&mut buf)?;
+                    hist.record(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+                }
+                Ok(hist)
+            })
+        })
+        .collect();
+    let mut all = Histogram::<u64>::new(3).expect("3 significant digits");
+    for client in clients {
+        let hist = tokio::task::spawn_blocking(move || client.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("an interactive client panicked"))??;
+        all.add(hist)?;
+    }
+    let elapsed = start.elapsed();
+    let (sent, received) = (
+        up.load(Relaxed) - up_before,
+        down.load(Relaxed) - down_before,
+    );
+    flood_tasks.abort_all();
+    let us = |q: f64| all.value_at_quantile(q) as f64 / 1e3;
+    Ok(vec![
+        ("seconds", elapsed.as_secs_f64()),
+        (
+            "bytes",
+            (sent + received + all.len() * SIZE as u64 * 2) as f64,
+        ),
+        ("requests_s", rate(all.len(), elapsed)),
+        ("p50_us", us(0.5)),
+        ("p99_us", us(0.99)),
+        ("p999_us", us(0.999)),
+        ("flood_down_mbit_s", rate(received * 8, elapsed) / 1e6),
+        ("flood_up_mbit_s", rate(sent * 8, elapsed) / 1e6),
+    ])
+}
+
 /// Workers that each connect, send a header and 64 bytes, read the echo
 /// and close, over and over.
 pub(crate) async fn connections_per_second(load: &Load, concurrency: u16) -> Result<Report> {
