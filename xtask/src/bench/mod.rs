@@ -262,9 +262,15 @@ fn run_cell(
             None => eprintln!("bench: cannot read the ebpf subject's metrics (is curl installed?)"),
         }
     }
+    let missing: Vec<&str> = workload
+        .expected_metrics()
+        .into_iter()
+        .filter(|k| !metrics.contains_key(*k))
+        .collect();
     ensure!(
-        metrics.contains_key("bytes"),
-        "no byte count in the load generator output:\n{out}"
+        missing.is_empty(),
+        "no {} in the load generator output:\n{out}",
+        missing.join(", ")
     );
     Ok(Sample {
         metrics,

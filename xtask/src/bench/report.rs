@@ -337,6 +337,7 @@ fn short_name(w: Workload) -> &'static str {
         Workload::Flood => "flood",
         Workload::Bulk => "bulk",
         Workload::RequestResponse => "req/resp",
+        Workload::Mixed => "mixed",
         Workload::ConnectionsPerSecond => "conn/s",
         Workload::ConnectionsEphemeralPort => "conn/s eph.",
         Workload::Udp64 => "UDP 64 B",
