@@ -56,9 +56,28 @@ impl Target {
     }
 
     fn show(&self, x: f64) -> String {
+        self.show_digits(x, 2)
+    }
+
+    fn show_digits(&self, x: f64, digits: usize) -> String {
         match self.unit {
-            Unit::Ratio => format!("{x:.2}x"),
-            Unit::Millis => format!("{x:.2} ms"),
+            Unit::Ratio => format!("{x:.digits$}x"),
+            Unit::Millis => format!("{x:.digits$} ms"),
+        }
+    }
+
+    /// What was measured, to two decimals, or three where two would round
+    /// it onto the bound: "0.90x" beside ">= 0.90x" and "missed" (0.8994x)
+    /// reads as a contradiction.
+    fn measured_text(&self) -> String {
+        let Some(m) = self.measured else {
+            return "-".to_owned();
+        };
+        let (Bound::AtLeast(b) | Bound::AtMost(b)) = self.bound;
+        if self.show(m) == self.show(b) {
+            self.show_digits(m, 3)
+        } else {
+            self.show(m)
         }
     }
 
@@ -82,14 +101,13 @@ pub(super) fn write(md: &mut String, r: &Results) -> Result<()> {
     writeln!(md, "| issue | target | bound | measured | |")?;
     writeln!(md, "|---|---|---|---|---|")?;
     for t in &all {
-        let measured = t.measured.map_or_else(|| "-".to_owned(), |m| t.show(m));
         writeln!(
             md,
             "| #{} | {} | {} | {} | {} |",
             t.issue,
             t.what,
             t.bound_text(),
-            measured,
+            t.measured_text(),
             t.verdict()
         )?;
     }
@@ -381,6 +399,22 @@ mod tests {
         assert_eq!(
             find(&all, &format!("{other}, ebpf / direct")).verdict(),
             "not measured"
+        );
+    }
+
+    #[test]
+    fn a_measurement_rounding_onto_its_bound_shows_a_third_decimal() {
+        let target = |measured| Target::ratio(33, "x", Some(measured), Bound::AtLeast(0.9));
+        let just_under = target(0.8994);
+        assert_eq!(
+            (just_under.measured_text(), just_under.verdict()),
+            ("0.899x".to_owned(), "**missed**")
+        );
+        assert_eq!(target(0.9).measured_text(), "0.900x");
+        assert_eq!(target(0.9312).measured_text(), "0.93x");
+        assert_eq!(
+            Target::ratio(33, "x", None, Bound::AtLeast(0.9)).measured_text(),
+            "-"
         );
     }
 
