@@ -246,6 +246,15 @@ fn mixed_table(md: &mut String, results: &Results, subjects: &[Subject]) -> Resu
         )?;
     }
     writeln!(md)?;
+    // A saturated connection that never catches up stays in userspace:
+    // whether the floods ran on the kernel path is part of the result.
+    if let Some(armed) = median(Subject::Ebpf, "connections_armed") {
+        writeln!(
+            md,
+            "mmproxy ebpf armed {armed:.0} of the 16 connections (the kernel path; median \
+             of repeats).\n"
+        )?;
+    }
     Ok(())
 }
 
