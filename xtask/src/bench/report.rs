@@ -295,6 +295,10 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
         .y_desc("x direct")
         .draw()
         .context("chart")?;
+    // Bars cut at the top of the axis, with their ratio: written at the
+    // top so a cut bar is not read as 1.6x, on three staggered lines so
+    // that neighbours' labels do not overlap.
+    let mut cut = Vec::new();
     for (si, &s) in subjects.iter().enumerate() {
         let color = colors[si % colors.len()];
         let bars: Vec<Rectangle<(f64, f64)>> = workloads
@@ -310,6 +314,11 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
                 let x0 = wi as f64 + 0.1 + 0.8 * si as f64 / per_group as f64;
                 #[allow(clippy::cast_precision_loss)]
                 let x1 = x0 + 0.8 / per_group as f64;
+                if r > 1.6 {
+                    #[allow(clippy::cast_precision_loss)] // 0, 1 or 2
+                    let line = (si % 3) as f64;
+                    cut.push((x0, 1.58 - 0.08 * line, r));
+                }
                 Some(Rectangle::new(
                     [(x0, 0.0), (x1, r.min(1.6))],
                     color.filled(),
@@ -322,6 +331,12 @@ fn draw_chart(path: &Path, results: &Results, subjects: &[Subject]) -> Result<()
             .label(s.name())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
+    chart
+        .draw_series(
+            cut.into_iter()
+                .map(|(x, y, r)| Text::new(format!("{r:.1}x"), (x, y), ("sans-serif", 11))),
+        )
+        .context("chart")?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
