@@ -17,6 +17,7 @@
 mod contract;
 pub mod sockmap;
 pub mod splice;
+mod turn;
 
 use std::{
     io,

@@ -17,6 +17,7 @@ use super::contract::{
     Connection, DirectionResult, ForwardError, Transferred, mirror_failure, shutdown_write,
     until_both_end, write_all,
 };
+use super::turn::Turn;
 use crate::error::Side;
 
 /// Pipe capacity: bytes in flight per direction. 256 KiB is four times
@@ -139,6 +140,7 @@ async fn splice_until_eof(
     dst_side: Side,
 ) -> Result<u64, (Side, io::Error)> {
     let mut total = 0u64;
+    let mut turn = Turn::default();
     loop {
         // The pipe is empty here.
         let filled = loop {
@@ -162,10 +164,10 @@ async fn splice_until_eof(
             }
         }
         total += filled as u64;
-        // A socket that stays ready never makes the readiness futures
-        // return Pending: without this, one fast flow pins a worker and
-        // accepts, timeouts and SIGTERM wait (tests/fairness.rs).
-        tokio::task::consume_budget().await;
+        // Without a bound one fast flow pins a worker, and accepts,
+        // timeouts, SIGTERM and interactive connections wait
+        // (tests/fairness.rs).
+        turn.moved(filled).await;
     }
 }
 
@@ -177,6 +179,7 @@ async fn copy_until_eof(
 ) -> Result<u64, (Side, io::Error)> {
     let mut buf = vec![0u8; COPY_BUFFER_BYTES];
     let mut total = 0u64;
+    let mut turn = Turn::default();
     loop {
         src.readable().await.map_err(|e| (src_side, e))?;
         let n = match src.try_read(&mut buf) {
@@ -187,7 +190,7 @@ async fn copy_until_eof(
         };
         write_all(dst, &buf[..n]).await.map_err(|e| (dst_side, e))?;
         total += n as u64;
-        tokio::task::consume_budget().await;
+        turn.moved(n).await;
     }
 }
 
