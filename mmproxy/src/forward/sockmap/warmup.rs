@@ -30,7 +30,10 @@ use tokio::{net::TcpStream, time::Instant};
 
 use crate::{
     error::Side,
-    forward::splice::{Pipe, SpliceForwarder},
+    forward::{
+        splice::{Pipe, SpliceForwarder},
+        turn::Turn,
+    },
 };
 
 /// Bytes userspace moved through one socket before arming.
@@ -182,9 +185,16 @@ pub(super) async fn run(
         dst_side: Side::Client,
         pending: Pending::new(pipes),
     };
+    let mut turn = Turn::default();
     let ended = loop {
+        let read_before = client_io.read + upstream_io.read;
         up.step(&mut client_io.read, &mut upstream_io.written)?;
         down.step(&mut upstream_io.read, &mut client_io.written)?;
+        // The readiness futures below do not make a ready socket wait:
+        // without a turn, new connections starved beside a flood.
+        let read = client_io.read + upstream_io.read - read_before;
+        turn.moved(usize::try_from(read).unwrap_or(usize::MAX))
+            .await;
         let idle = up.pending.is_empty() && down.pending.is_empty();
         if idle && (up.pending.eof || down.pending.eof) {
             break WarmUp::Eof;
