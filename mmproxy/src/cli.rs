@@ -157,6 +157,14 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub ebpf_arm_after_ms: u64,
 
+    /// ebpf mode: a connection that moved at least this many Mbit/s (both
+    /// directions together) over its warm-up is never armed and stays in
+    /// userspace, where bulk is cheaper on the kernels measured; 0 arms
+    /// bulk connections too.
+    #[arg(long = "ebpf-bulk-mbit", value_name = "MBIT", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub ebpf_bulk_mbit: u64,
+
     /// Seconds a TCP client has to send a complete PROXY header.
     #[arg(long = "header-timeout", value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -341,6 +349,7 @@ const LONG_FLAGS: &[&str] = &[
     "mode",
     "ebpf-max-backlog-kib",
     "ebpf-arm-after-ms",
+    "ebpf-bulk-mbit",
     "header-timeout",
     "connect-timeout",
     "upstream-window-clamp-kib",

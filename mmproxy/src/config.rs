@@ -47,6 +47,9 @@ pub struct Config {
     /// ebpf mode: how long a connection is forwarded in userspace before it
     /// is armed.
     pub ebpf_arm_after: Duration,
+    /// ebpf mode: bytes a second over the warm-up from which a connection
+    /// stays in userspace; `None`: every connection is armed.
+    pub ebpf_bulk_rate: Option<u64>,
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
     /// Bytes; `None`: the kernel's default window (`--upstream-window-clamp-kib 0`).
@@ -111,6 +114,7 @@ impl Config {
             mode: cli.mode,
             ebpf_max_backlog: cli.ebpf_max_backlog_kib * 1024,
             ebpf_arm_after: Duration::from_millis(cli.ebpf_arm_after_ms),
+            ebpf_bulk_rate: (cli.ebpf_bulk_mbit > 0).then(|| cli.ebpf_bulk_mbit * 1_000_000 / 8),
             header_timeout: Duration::from_secs(cli.header_timeout_secs),
             connect_timeout: Duration::from_secs(cli.connect_timeout_secs),
             upstream_window_clamp: (cli.upstream_window_clamp_kib > 0)
@@ -148,6 +152,7 @@ impl Config {
         EbpfOptions {
             max_backlog: self.ebpf_max_backlog,
             arm_after: self.ebpf_arm_after,
+            bulk_rate: self.ebpf_bulk_rate,
         }
     }
 

@@ -51,6 +51,9 @@ fn bad_values_exit_2_with_one_line() {
     assert_one_line_error(&["--ebpf-arm-after-ms", "60001"], "60001");
     assert_one_line_error(&["--ebpf-arm-after-ms", "-1"], "-1");
     assert_one_line_error(&["--ebpf-arm-after-ms", "1s"], "1s");
+    assert_one_line_error(&["--ebpf-bulk-mbit", "1000001"], "1000001");
+    assert_one_line_error(&["--ebpf-bulk-mbit", "-1"], "-1");
+    assert_one_line_error(&["--ebpf-bulk-mbit", "fast"], "fast");
     assert_one_line_error(
         &["--upstream-window-clamp-kib", "3"],
         "use 0 (no clamp) or 4",

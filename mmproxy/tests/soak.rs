@@ -67,9 +67,12 @@ fn ebpf_full_duplex_1gib_echo_soak() {
         env_runs("MMPROXY_SOAK_LOUD_ALLOWED", 0),
     );
     // Each run outlives the warm-up (--ebpf-arm-after-ms) by far and is
-    // armed in the middle of its flood (100 of 100 in the soaks of 2026-12-03); a run
-    // never armed would test the warm-up's copying instead of the kernel
-    // path, so this soak demands nine in ten.
+    // armed when it ends, which is before the first payload byte: the
+    // client hashes the whole expected stream before it sends (found
+    // 2026-12-08; the soaks of 2026-12-03 called these runs armed
+    // mid-stream). Arming in the middle of a flood is tested in
+    // tests/warmup.rs. A run never armed would test the warm-up's copying
+    // instead of the kernel path, so this soak demands nine in ten.
     if counters.contains("connections_armed") {
         let armed = counter(&counters, "connections_armed");
         eprintln!("soak: {armed} of {runs} connections armed after the warm-up");

@@ -60,9 +60,12 @@ pub struct Datapath {
     /// Times a direction was switched to PASS because its backlog grew
     /// (or its reader fell behind), summed over connections.
     pass_episodes: AtomicU64,
-    /// Connections armed (the others ended during the warm-up or could
-    /// not be armed).
+    /// Connections armed (the others ended during the warm-up, moved bulk
+    /// during it, or could not be armed).
     connections_armed: AtomicU64,
+    /// Connections kept in userspace because they moved bulk during the
+    /// warm-up.
+    connections_kept_bulk: AtomicU64,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -123,6 +126,7 @@ impl Datapath {
             signals: Mutex::new(Some(signals)),
             pass_episodes: AtomicU64::new(0),
             connections_armed: AtomicU64::new(0),
+            connections_kept_bulk: AtomicU64::new(0),
         })
     }
 
@@ -206,6 +210,16 @@ impl Datapath {
     /// Connections armed since start.
     pub fn connections_armed(&self) -> u64 {
         self.connections_armed.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection kept in userspace for its bulk warm-up.
+    pub fn count_kept_bulk(&self) {
+        self.connections_kept_bulk.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections kept in userspace for their bulk warm-up since start.
+    pub fn connections_kept_bulk(&self) -> u64 {
+        self.connections_kept_bulk.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {

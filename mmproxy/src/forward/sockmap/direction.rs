@@ -43,6 +43,8 @@ pub(super) struct Shared {
     pub(super) max_backlog: u64,
     /// `--ebpf-arm-after-ms`.
     pub(super) arm_after: Duration,
+    /// `--ebpf-bulk-mbit`, in bytes a second.
+    pub(super) bulk_rate: Option<u64>,
 }
 
 /// How a PASS episode ended.

@@ -66,6 +66,9 @@ pub struct EbpfOptions {
     /// How long a connection is forwarded in userspace before it is armed
     /// (`--ebpf-arm-after-ms`).
     pub arm_after: Duration,
+    /// Bytes a second over the warm-up from which a connection is not
+    /// armed (`--ebpf-bulk-mbit`); `None` arms every connection.
+    pub bulk_rate: Option<u64>,
 }
 
 /// The sockmap forwarder.
@@ -87,8 +90,8 @@ pub struct SockmapForwarder {
 pub struct DatapathStats(Arc<Datapath>);
 
 impl DatapathStats {
-    /// Every BPF counter by name, then `pass_episodes` and
-    /// `connections_armed`.
+    /// Every BPF counter by name, then `pass_episodes`,
+    /// `connections_armed` and `connections_kept_bulk`.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let mut counters: Vec<_> = Counter::ALL
             .iter()
@@ -96,6 +99,7 @@ impl DatapathStats {
             .collect();
         counters.push(("pass_episodes", self.0.pass_episodes()));
         counters.push(("connections_armed", self.0.connections_armed()));
+        counters.push(("connections_kept_bulk", self.0.connections_kept_bulk()));
         counters
     }
 }
@@ -109,6 +113,7 @@ impl SockmapForwarder {
                 watcher_start: Mutex::new(()),
                 max_backlog: options.max_backlog,
                 arm_after: options.arm_after,
+                bulk_rate: options.bulk_rate,
             }),
             fallback: SpliceForwarder::new(),
             copy_fallback: SpliceForwarder::copying(),
@@ -180,6 +185,7 @@ impl SockmapForwarder {
             &mut client_io,
             &mut upstream_io,
             warm_up_ends,
+            self.shared.bulk_rate,
             &self.fallback,
         )
         .await;
@@ -189,6 +195,11 @@ impl SockmapForwarder {
         };
         match warm_up.map_err(|(side, e)| fail(side, e, moved))? {
             WarmUp::Eof => {
+                self.fallback_forward(&self.fallback, client, upstream, moved)
+                    .await
+            }
+            WarmUp::Bulk => {
+                self.shared.datapath.count_kept_bulk();
                 self.fallback_forward(&self.fallback, client, upstream, moved)
                     .await
             }

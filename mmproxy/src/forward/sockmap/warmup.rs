@@ -19,6 +19,15 @@
 //! kernel the kernel path would hand it back to userspace anyway (PASS
 //! mode, at `--ebpf-max-backlog-kib`).
 //!
+//! A connection that moved bulk during the warm-up (`--ebpf-bulk-mbit`,
+//! 200 Mbit/s by default) is not armed at all: on this kernel an armed
+//! bulk connection moves 0.70-0.75x what `splice()` does
+//! (docs/ebpf-findings.md), while the kernel path's gain, never waiting
+//! for a daemon thread, is for connections that wait on each other's
+//! small messages. 200 Mbit/s is far above request/response traffic (64 B
+//! requests at 20,000 a second are 20 Mbit/s both ways) and far below one
+//! bulk stream on loopback (tens of Gbit/s).
+//!
 //! One loop serves both directions and never waits on one while the other
 //! could move: an echo backend blocked writing to us stops reading, so
 //! waiting for room in its receive window without reading its replies
@@ -48,11 +57,14 @@ const COPY_BUFFER_BYTES: usize = 32 * 1024;
 /// Reads per direction before the other gets its turn.
 const READS_PER_TURN: usize = 4;
 
-/// How the warm-up ended; in both cases nothing read is left unwritten.
+/// How the warm-up ended; in every case nothing read is left unwritten.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum WarmUp {
     /// Time to arm.
     Arm,
+    /// The warm-up moved bulk (`--ebpf-bulk-mbit`): the caller forwards
+    /// the rest in userspace, where bulk is cheaper.
+    Bulk,
     /// A side sent its FIN (the caller forwards the rest in userspace:
     /// the kernel takes only ESTABLISHED sockets into a sockmap).
     Eof,
@@ -163,12 +175,15 @@ struct Leg<'a> {
 
 /// Forwards (pipes from `pipes`) until `deadline` has passed and both
 /// directions are empty, or until a side's FIN. Counts bytes read and
-/// written per socket in `client_io` and `upstream_io`.
+/// written per socket in `client_io` and `upstream_io`. With `bulk_rate`
+/// (bytes a second), a warm-up that moved at least that ends in
+/// [`WarmUp::Bulk`].
 pub(super) async fn run(
     (client, upstream): (&TcpStream, &TcpStream),
     client_io: &mut PreArm,
     upstream_io: &mut PreArm,
     deadline: Instant,
+    bulk_rate: Option<u64>,
     pipes: &SpliceForwarder,
 ) -> Result<WarmUp, (Side, io::Error)> {
     let mut up = Leg {
@@ -186,6 +201,8 @@ pub(super) async fn run(
         pending: Pending::new(pipes),
     };
     let mut turn = Turn::default();
+    let started = Instant::now();
+    let read_at_start = client_io.read + upstream_io.read;
     let ended = loop {
         let read_before = client_io.read + upstream_io.read;
         up.step(&mut client_io.read, &mut upstream_io.written)?;
@@ -201,7 +218,15 @@ pub(super) async fn run(
         }
         let now = Instant::now();
         if idle && up.pending.drained && down.pending.drained && now >= deadline {
-            break WarmUp::Arm;
+            let read = client_io.read + upstream_io.read - read_at_start;
+            let bulk = bulk_rate.is_some_and(|rate| is_bulk(read, now - started, rate));
+            tracing::debug!(
+                read,
+                elapsed_ms = (now - started).as_millis(),
+                bulk,
+                "warm-up over"
+            );
+            break if bulk { WarmUp::Bulk } else { WarmUp::Arm };
         }
         // Something can always wake this: an empty direction without EOF
         // waits to read (at once if its turn ended before the queue was
@@ -222,6 +247,15 @@ pub(super) async fn run(
     up.pending.carrier.release(pipes);
     down.pending.carrier.release(pipes);
     Ok(ended)
+}
+
+/// Whether `read` bytes in `elapsed` is at least `rate` bytes a second. A
+/// warm-up too short to judge (`--ebpf-arm-after-ms 0`) is not: that
+/// setting arms at once.
+fn is_bulk(read: u64, elapsed: std::time::Duration, rate: u64) -> bool {
+    const SHORTEST_JUDGED: std::time::Duration = std::time::Duration::from_millis(10);
+    elapsed >= SHORTEST_JUDGED
+        && u128::from(read) * 1_000_000 >= u128::from(rate) * elapsed.as_micros()
 }
 
 impl Leg<'_> {
@@ -264,5 +298,35 @@ impl Leg<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The default, 200 Mbit/s.
+    const RATE: u64 = 25_000_000;
+
+    #[test]
+    fn bulk_is_judged_by_rate_over_the_warm_up() {
+        let warm_up = Duration::from_millis(100);
+        // 25 MB/s over 100 ms is 2.5 MB.
+        assert!(is_bulk(2_500_000, warm_up, RATE));
+        assert!(!is_bulk(2_499_999, warm_up, RATE));
+        // Request/response: 20,000 64-byte requests a second, both ways.
+        assert!(!is_bulk(20_000 * 128 / 10, warm_up, RATE));
+        // A longer warm-up (the connection was not quiet at its deadline)
+        // dilutes a burst.
+        assert!(!is_bulk(2_500_000, Duration::from_secs(1), RATE));
+    }
+
+    #[test]
+    fn a_warm_up_too_short_to_judge_arms() {
+        assert!(!is_bulk(u64::MAX / 2, Duration::ZERO, RATE));
+        assert!(!is_bulk(100_000_000, Duration::from_millis(9), RATE));
+        assert!(is_bulk(100_000_000, Duration::from_millis(10), RATE));
     }
 }
