@@ -131,6 +131,32 @@ pub fn bpf(config: &Config) -> CheckLine {
     }
 }
 
+/// Which TCP data path `--mode auto` takes here, and why not ebpf when it
+/// cannot. Never required.
+pub fn auto_tcp_path(config: &Config) -> Option<CheckLine> {
+    if config.mode != Mode::Auto || !config.protocols.tcp {
+        return None;
+    }
+    let obstacle = crate::forward::auto_ebpf_obstacle()
+        .or_else(|| Datapath::load().err().map(|e| error_chain(&e)));
+    Some(match obstacle {
+        None => CheckLine {
+            passed: true,
+            required: false,
+            what: "mode auto carries TCP in ebpf mode".to_owned(),
+            why: None,
+            fix: None,
+        },
+        Some(reason) => CheckLine {
+            passed: false,
+            required: false,
+            what: "mode auto carries TCP in plain mode".to_owned(),
+            why: Some(reason),
+            fix: None,
+        },
+    })
+}
+
 /// ebpf mode's UDP kernel path from remote balancers over IPv4 needs `lo`
 /// to take 127/8 redirected from other devices (docs/udp-datapath.md);
 /// without it those datagrams take the userspace path. Never required.
@@ -229,6 +255,7 @@ pub async fn all(config: &Config) -> Vec<CheckLine> {
         .any(|l| l.why.as_deref() == Some(ADDED_AT_START));
     lines.extend(backends(config, routing_pending).await);
     lines.push(bpf(config));
+    lines.extend(auto_tcp_path(config));
     lines.extend(udp_kernel_path(config));
     lines
 }

@@ -25,8 +25,9 @@ pub struct Protocols {
     pub udp: bool,
 }
 
-/// The data path (`--mode`): for TCP, `auto` means plain; for UDP, the
-/// kernel path where it loads.
+/// The data path (`--mode`): `auto` means each protocol's kernel path
+/// where it loads (for TCP, on kernels where it was measured level with
+/// plain: `forward::AUTO_EBPF_SINCE`), userspace otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
     Auto,

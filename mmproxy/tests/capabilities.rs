@@ -86,3 +86,63 @@ fn basic_tcp_and_udp_as_nobody_with_the_units_capabilities(mode: &'static str) {
     d.wait_for_log("removed the routing added at start", Duration::from_secs(1));
     let _ = std::fs::remove_dir_all(runtime_dir);
 }
+
+/// `--mode auto` (the default) carries TCP in ebpf mode where the BPF
+/// programs load on a kernel it was measured on (`AUTO_EBPF_SINCE`), and
+/// says why not and carries it in plain mode where they cannot load
+/// (here: without `CAP_BPF`); `mmproxy check` says the same.
+#[test]
+fn auto_mode_carries_tcp_in_ebpf_mode_where_it_loads() {
+    let measured_kernel = mmproxy::forward::auto_ebpf_obstacle().is_none();
+    for with_bpf in [true, false] {
+        let Some(ns) = netns_or_skip("auto_tcp") else {
+            return;
+        };
+        let caps = if with_bpf {
+            "-all,+net_admin,+bpf,+perfmon"
+        } else {
+            "-all,+net_admin"
+        };
+        let setpriv = |ns: &Netns| {
+            let mut cmd = ns.command("setpriv");
+            cmd.args([
+                &format!("--inh-caps={caps}"),
+                &format!("--ambient-caps={caps}"),
+                &format!("--bounding-set={caps}"),
+                "--",
+            ])
+            .arg(daemon_binary());
+            cmd
+        };
+        let ebpf = with_bpf && measured_kernel;
+        let mut check = setpriv(&ns);
+        let out = check
+            .args(["check", "-l", PROXY, "-4", BACKEND])
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        let expected = if ebpf {
+            "PASS  mode auto carries TCP in ebpf mode"
+        } else {
+            "INFO  mode auto carries TCP in plain mode: "
+        };
+        assert!(report.contains(expected), "{expected:?} not in:\n{report}");
+
+        let d = Daemon::start_with(setpriv(&ns), &["-l", PROXY, "-4", BACKEND, "-v", "1"]);
+        let listening = d.wait_for_log("listening (tcp)", Duration::from_secs(10));
+        if ebpf {
+            assert!(listening.contains("mode=\"ebpf\""), "{listening}");
+            d.wait_for_log("mode auto: TCP in ebpf mode", Duration::from_secs(1));
+        } else {
+            assert!(listening.contains("mode=\"plain\""), "{listening}");
+            d.wait_for_log("mode auto: TCP in plain mode", Duration::from_secs(1));
+        }
+        ns.run(async {
+            let backend = Backend::start(BACKEND, BackendKind::Echo).await;
+            let client = sa("192.0.2.1:40200");
+            let mut s = connect_with_header(sa(PROXY), &header::v2(client, sa(PROXY))).await;
+            assert_eq!(round_trip(&mut s, b"auto").await, b"auto");
+            assert_eq!(backend.peers(), vec![client]);
+        });
+    }
+}
