@@ -108,6 +108,13 @@ impl Collector for LiveCounters {
             )?;
             ConstGauge::new(1i64)
                 .encode(info.encode_family(&vec![("mode", (*mode).to_owned())])?)?;
+            let moved = encoder.encode_descriptor(
+                "mmproxy_tcp_connections_moved_to_bulk_workers",
+                "TCP connections moved to the bulk workers after 1 MiB without a pause",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(crate::forward::connections_moved_to_bulk_workers()).encode(moved)?;
         }
         if let Some(udp) = self.udp.get() {
             encode_udp(&mut encoder, udp)?;

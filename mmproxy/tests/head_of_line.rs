@@ -9,8 +9,11 @@
 //! bytes the forwarder read meanwhile. A direction held until tokio's
 //! budget runs out moves up to 128 pipe loads per poll (tens of MiB); one
 //! that yields after its quantum (64 KiB) moves at most one more pipe load
-//! before the request gets its turn. No privileges or namespaces needed:
-//! loopback sockets only.
+//! before the request gets its turn. The daemon's forwarder goes further
+//! and moves such floods to workers of their own (`forward/bulk.rs`): the
+//! second test checks that both floods, and not the interactive
+//! connection, are moved. No privileges or namespaces needed: loopback
+//! sockets only.
 
 use std::{
     io::{Read as _, Write as _},
@@ -99,11 +102,57 @@ fn sink(mut from: TcpStream) -> thread::JoinHandle<()> {
 
 #[test]
 fn an_interactive_connection_is_served_between_flood_turns() {
+    // On one runtime: the bulk workers would take the floods off this
+    // thread, and the count would measure their parallel progress instead
+    // of this runtime's turns (the move is tested below).
+    let mut waits = interactive_beside_floods(SpliceForwarder::on_one_runtime());
+    waits.sort_unstable();
+    // The k-th hundredth of the sorted waits.
+    let at = |percent: usize| waits[(waits.len() - 1) * percent / 100];
+    let worst = at(100);
+    let total: u64 = waits.iter().sum();
+    eprintln!(
+        "flood bytes read per interactive round trip: p50 {}, p90 {}, p99 {}, max {worst}, \
+         total {total}",
+        at(50),
+        at(90),
+        at(99),
+    );
+    assert!(
+        total > 0,
+        "the floods moved nothing while the interactive connection ran: the test measured nothing"
+    );
+    assert!(
+        worst <= MAX_BOUND,
+        "an interactive round trip waited for {worst} flood bytes (the worst of {ROUND_TRIPS}), \
+         more than {MAX_BOUND}: a bulk direction held the worker"
+    );
+}
+
+/// With the daemon's forwarder the two floods (1 MiB in a row each, their
+/// sources never empty) move to the bulk workers and the interactive
+/// connection stays: exactly two connections moved.
+#[test]
+fn floods_move_to_the_bulk_workers_and_the_interactive_connection_stays() {
+    let before = mmproxy::forward::connections_moved_to_bulk_workers();
+    let waits = interactive_beside_floods(SpliceForwarder::new());
+    assert_eq!(waits.len(), ROUND_TRIPS);
+    assert_eq!(
+        mmproxy::forward::connections_moved_to_bulk_workers() - before,
+        FLOODS as u64,
+        "connections moved to the bulk workers"
+    );
+}
+
+/// Runs `FLOODS` floods and one interactive connection through
+/// `forwarder` on a one-thread runtime; returns, for each interactive
+/// round trip, the flood bytes read meanwhile.
+fn interactive_beside_floods(forwarder: SpliceForwarder) -> Vec<u64> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let forwarder = Arc::new(Forwarder::Plain(SpliceForwarder::new()));
+    let forwarder = Arc::new(Forwarder::Plain(forwarder));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let mut flood_sources = Vec::new();
@@ -128,7 +177,7 @@ fn an_interactive_connection_is_served_between_flood_turns() {
     // The interactive client and its echo backend are tasks of the same
     // runtime: a pause of this thread stops the floods' forwarding too, so
     // only the forwarder's own scheduling shows in the count.
-    let mut waits = runtime.block_on(async move {
+    let waits = runtime.block_on(async move {
         let (mut client, backend) = (registered(client), registered(backend));
         tokio::spawn(async move {
             let (mut r, mut w) = backend.into_split();
@@ -147,30 +196,10 @@ fn an_interactive_connection_is_served_between_flood_turns() {
         waits
     });
     stop.store(true, Relaxed);
-    waits.sort_unstable();
-    // The k-th hundredth of the sorted waits.
-    let at = |percent: usize| waits[(waits.len() - 1) * percent / 100];
-    let worst = at(100);
-    let total: u64 = waits.iter().sum();
-    eprintln!(
-        "flood bytes read per interactive round trip: p50 {}, p90 {}, p99 {}, max {worst}, \
-         total {total}",
-        at(50),
-        at(90),
-        at(99),
-    );
-    assert!(
-        total > 0,
-        "the floods moved nothing while the interactive connection ran: the test measured nothing"
-    );
-    assert!(
-        worst <= MAX_BOUND,
-        "an interactive round trip waited for {worst} flood bytes (the worst of {ROUND_TRIPS}), \
-         more than {MAX_BOUND}: a bulk direction held the worker"
-    );
     interactive.abort();
     drop(runtime);
     for t in threads {
         let _ = t.join();
     }
+    waits
 }

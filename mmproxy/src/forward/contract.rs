@@ -74,31 +74,36 @@ pub(crate) fn mirror_failure(failed: Side, client: &impl AsFd, upstream: &impl A
 }
 
 /// A direction's result: bytes moved, or the failing side and its error.
-pub(crate) type DirectionResult = Result<u64, (Side, io::Error)>;
+pub(crate) type DirectionResult<T = u64> = Result<T, (Side, io::Error)>;
 
 /// Drives both directions of a connection until both have ended, and
 /// stops at the first failure: the caller then resets the other side.
-/// On failure, also returns the bytes of any direction that had finished.
-pub(crate) async fn until_both_end(
-    up: impl Future<Output = DirectionResult>,
-    down: impl Future<Output = DirectionResult>,
-) -> Result<(u64, u64), (Side, io::Error, Transferred)> {
+/// On failure, also returns the bytes (`bytes` of each result) of any
+/// direction that had finished.
+pub(crate) async fn until_both_end<T>(
+    up: impl Future<Output = DirectionResult<T>>,
+    down: impl Future<Output = DirectionResult<T>>,
+    bytes: impl Fn(&T) -> u64,
+) -> Result<(T, T), (Side, io::Error, Transferred)> {
     tokio::pin!(up, down);
-    let (mut up_bytes, mut down_bytes) = (None, None);
-    while up_bytes.is_none() || down_bytes.is_none() {
+    let (mut up_done, mut down_done) = (None, None);
+    while up_done.is_none() || down_done.is_none() {
         let result = tokio::select! {
-            r = &mut up, if up_bytes.is_none() => r.map(|n| up_bytes = Some(n)),
-            r = &mut down, if down_bytes.is_none() => r.map(|n| down_bytes = Some(n)),
+            r = &mut up, if up_done.is_none() => r.map(|n| up_done = Some(n)),
+            r = &mut down, if down_done.is_none() => r.map(|n| down_done = Some(n)),
         };
         if let Err((side, error)) = result {
             let finished = Transferred {
-                client_to_upstream: up_bytes.unwrap_or(0),
-                upstream_to_client: down_bytes.unwrap_or(0),
+                client_to_upstream: up_done.as_ref().map_or(0, &bytes),
+                upstream_to_client: down_done.as_ref().map_or(0, &bytes),
             };
             return Err((side, error, finished));
         }
     }
-    Ok((up_bytes.unwrap_or(0), down_bytes.unwrap_or(0)))
+    match (up_done, down_done) {
+        (Some(up), Some(down)) => Ok((up, down)),
+        _ => unreachable!("the loop ends when both are done"),
+    }
 }
 
 /// Writes all of `data` through a shared reference (both directions of a

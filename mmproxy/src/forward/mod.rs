@@ -14,6 +14,7 @@
 //! they share to keep it (the connection, its totals and errors, the
 //! half-close and the mirrored reset) is in `contract.rs`, below both.
 
+mod bulk;
 mod contract;
 pub mod sockmap;
 pub mod splice;
@@ -142,6 +143,11 @@ impl Forwarder {
             Forwarder::Ebpf(_) => "ebpf",
         }
     }
+}
+
+/// TCP connections moved to the bulk workers since start (`bulk.rs`).
+pub fn connections_moved_to_bulk_workers() -> u64 {
+    bulk::moved()
 }
 
 /// The oldest kernel on which ebpf mode's TCP path was measured at least

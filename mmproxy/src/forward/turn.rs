@@ -24,14 +24,27 @@ pub(crate) const QUANTUM_BYTES: usize = 64 * 1024;
 #[derive(Debug, Default)]
 pub(crate) struct Turn {
     moved: usize,
+    /// Quanta used in a row without the source running dry.
+    streak: u32,
 }
 
 impl Turn {
+    /// Quanta used in a row since the source was last found empty.
+    pub(crate) fn streak(&self) -> u32 {
+        self.streak
+    }
+
+    /// The source was found empty: whatever it is, it is not a flood now.
+    pub(crate) fn ran_dry(&mut self) {
+        self.streak = 0;
+    }
+
     /// Counts `bytes` moved; past the quantum, yields to the runtime.
     pub(crate) async fn moved(&mut self, bytes: usize) {
         self.moved += bytes;
         if self.moved >= QUANTUM_BYTES {
             self.moved = 0;
+            self.streak = self.streak.saturating_add(1);
             tokio::task::yield_now().await;
         } else {
             // Small moves still count against tokio's budget, so that a

@@ -294,9 +294,11 @@ impl SockmapForwarder {
             books(upstream_io.read, client_io.written),
         )
         .run();
-        let result = until_both_end(async { up.await.map_err(log_failure) }, async {
-            down.await.map_err(log_failure)
-        })
+        let result = until_both_end(
+            async { up.await.map_err(log_failure) },
+            async { down.await.map_err(log_failure) },
+            |n| *n,
+        )
         .await;
         let outcome = outcome(result, &client, &upstream, moved);
         let cookies = [client.cookie, upstream.cookie];
