@@ -82,6 +82,29 @@ fn rate(count: u64, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64()
 }
 
+/// Writes `chunk` into `stream` without pause and reads what comes back,
+/// counting bytes sent in `up` and received in `down`.
+fn spawn_flood(
+    tasks: &mut tokio::task::JoinSet<()>,
+    stream: TcpStream,
+    chunk: &Arc<[u8]>,
+    (up, down): (&Arc<AtomicU64>, &Arc<AtomicU64>),
+) {
+    let (mut r, mut w) = stream.into_split();
+    let (chunk, up, down) = (chunk.clone(), up.clone(), down.clone());
+    tasks.spawn(async move {
+        while w.write_all(&chunk).await.is_ok() {
+            up.fetch_add(chunk.len() as u64, Relaxed);
+        }
+    });
+    tasks.spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok(n @ 1..) = r.read(&mut buf).await {
+            down.fetch_add(n as u64, Relaxed);
+        }
+    });
+}
+
 /// Connections writing `PING\r\n` without pause and reading the echo.
 pub(crate) async fn flood(load: &Load, connections: u16) -> Result<Report> {
     const MESSAGE: &[u8] = b"PING\r\n";
@@ -95,19 +118,7 @@ pub(crate) async fn flood(load: &Load, connections: u16) -> Result<Report> {
     let mut tasks = tokio::task::JoinSet::new();
     let start = Instant::now();
     for stream in streams {
-        let (mut r, mut w) = stream.into_split();
-        let (chunk, up, down) = (chunk.clone(), up.clone(), down.clone());
-        tasks.spawn(async move {
-            while w.write_all(&chunk).await.is_ok() {
-                up.fetch_add(chunk.len() as u64, Relaxed);
-            }
-        });
-        tasks.spawn(async move {
-            let mut buf = vec![0u8; 65_536];
-            while let Ok(n @ 1..) = r.read(&mut buf).await {
-                down.fetch_add(n as u64, Relaxed);
-            }
-        });
+        spawn_flood(&mut tasks, stream, &chunk, (&up, &down));
     }
     tokio::time::sleep(load.duration).await;
     let (sent, received, elapsed) = (up.load(Relaxed), down.load(Relaxed), start.elapsed());
@@ -194,19 +205,7 @@ pub(crate) async fn mixed(load: &Load, interactive: u16, floods: u16) -> Result<
     let mut flood_tasks = tokio::task::JoinSet::new();
     for i in 0..floods {
         let stream = connect(load, client_for(u64::from(i))).await?;
-        let (mut r, mut w) = stream.into_split();
-        let (chunk, up, down) = (chunk.clone(), up.clone(), down.clone());
-        flood_tasks.spawn(async move {
-            while w.write_all(&chunk).await.is_ok() {
-                up.fetch_add(chunk.len() as u64, Relaxed);
-            }
-        });
-        flood_tasks.spawn(async move {
-            let mut buf = vec![0u8; 65_536];
-            while let Ok(n @ 1..) = r.read(&mut buf).await {
-                down.fetch_add(n as u64, Relaxed);
-            }
-        });
+        spawn_flood(&mut flood_tasks, stream, &chunk, (&up, &down));
     }
     let mut interactive_streams = Vec::new();
     for i in 0..interactive {

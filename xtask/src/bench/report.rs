@@ -170,11 +170,7 @@ fn table(md: &mut String, results: &Results, subjects: &[Subject], w: Workload) 
             ),
             others.join(", "),
             fmt_spread(spread(samples, Sample::cpu_per_gb)),
-            if rss.median.is_nan() {
-                "-".to_owned()
-            } else {
-                format!("{} MiB", fmt_num(rss.median))
-            },
+            fmt_rss(rss.median),
         )?;
     }
     writeln!(md)?;
@@ -238,11 +234,7 @@ fn mixed_table(md: &mut String, results: &Results, subjects: &[Subject]) -> Resu
             vs("flood_down_mbit_s", Subject::Plain),
             fmt_num(spread(samples, metric("flood_up_mbit_s")).median),
             fmt_spread(spread(samples, Sample::cpu_per_gb)),
-            if rss.median.is_nan() {
-                "-".to_owned()
-            } else {
-                format!("{} MiB", fmt_num(rss.median))
-            },
+            fmt_rss(rss.median),
         )?;
     }
     writeln!(md)?;
@@ -505,6 +497,15 @@ fn short_name(w: Workload) -> &'static str {
         Workload::ConnectionsEphemeralPort => "conn/s eph.",
         Workload::Udp64 => "UDP 64 B",
         Workload::Udp1400 => "UDP 1400 B",
+    }
+}
+
+/// Peak RSS in MiB, or "-" where there is no subject process (direct).
+fn fmt_rss(mib: f64) -> String {
+    if mib.is_nan() {
+        "-".to_owned()
+    } else {
+        format!("{} MiB", fmt_num(mib))
     }
 }
 

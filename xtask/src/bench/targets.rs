@@ -526,25 +526,19 @@ mod tests {
             ),
             "**missed**"
         );
-        let floods = all
-            .iter()
-            .find(|t| {
-                t.what
-                    .starts_with("mixed floods' Mbit/s echoed, ebpf / plain")
-            })
-            .expect("the floods' target");
-        assert_eq!(floods.verdict(), "met");
+        let floods_verdict = |all: &[Target]| {
+            all.iter()
+                .find(|t| {
+                    t.what
+                        .starts_with("mixed floods' Mbit/s echoed, ebpf / plain")
+                })
+                .expect("the floods' target")
+                .verdict()
+        };
+        assert_eq!(floods_verdict(&all), "met");
         // Floods that lose more than a tenth against plain miss.
         mixed_cell(&mut r, Subject::Ebpf, 8_500.0, 140.0, 4_400.0);
-        let all = mixed_targets(&r);
-        let floods = all
-            .iter()
-            .find(|t| {
-                t.what
-                    .starts_with("mixed floods' Mbit/s echoed, ebpf / plain")
-            })
-            .expect("the floods' target");
-        assert_eq!(floods.verdict(), "**missed**");
+        assert_eq!(floods_verdict(&mixed_targets(&r)), "**missed**");
         // No peer measured: the peer targets say so instead of passing.
         r.remove(&(Workload::Mixed, Subject::GoMmproxy));
         r.remove(&(Workload::Mixed, Subject::Haproxy));
