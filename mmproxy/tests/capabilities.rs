@@ -99,21 +99,11 @@ fn auto_mode_carries_tcp_in_ebpf_mode_where_it_loads() {
             return;
         };
         let caps = if with_bpf {
-            "-all,+net_admin,+bpf,+perfmon"
+            support::CAPS_EBPF
         } else {
-            "-all,+net_admin"
+            support::CAPS_PLAIN
         };
-        let setpriv = |ns: &Netns| {
-            let mut cmd = ns.command("setpriv");
-            cmd.args([
-                &format!("--inh-caps={caps}"),
-                &format!("--ambient-caps={caps}"),
-                &format!("--bounding-set={caps}"),
-                "--",
-            ])
-            .arg(daemon_binary());
-            cmd
-        };
+        let setpriv = |ns: &Netns| support::daemon_with_capabilities(ns, caps);
         let ebpf = with_bpf && measured_kernel;
         let mut check = setpriv(&ns);
         let out = check

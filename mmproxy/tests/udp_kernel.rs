@@ -414,18 +414,11 @@ fn auto_mode_uses_the_kernel_path_where_it_loads() {
             return;
         };
         let caps = if with_bpf {
-            "-all,+net_admin,+bpf,+perfmon"
+            support::CAPS_EBPF
         } else {
-            "-all,+net_admin"
+            support::CAPS_PLAIN
         };
-        let mut cmd = topo.daemon.command("setpriv");
-        cmd.args([
-            &format!("--inh-caps={caps}"),
-            &format!("--ambient-caps={caps}"),
-            &format!("--bounding-set={caps}"),
-            "--",
-        ])
-        .arg(support::daemon_binary());
+        let cmd = support::daemon_with_capabilities(&topo.daemon, caps);
         let d = Daemon::start_with(
             cmd,
             &[

@@ -430,6 +430,25 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// With only `CAP_NET_ADMIN`, or the ebpf set beside it.
+pub const CAPS_PLAIN: &str = "-all,+net_admin";
+pub const CAPS_EBPF: &str = "-all,+net_admin,+bpf,+perfmon";
+
+/// The daemon's binary run in `ns` through `setpriv` with only the
+/// capabilities `caps` (inheritable, ambient and bounding); arguments
+/// follow.
+pub fn daemon_with_capabilities(ns: &Netns, caps: &str) -> Command {
+    let mut cmd = ns.command("setpriv");
+    cmd.args([
+        &format!("--inh-caps={caps}"),
+        &format!("--ambient-caps={caps}"),
+        &format!("--bounding-set={caps}"),
+        "--",
+    ])
+    .arg(daemon_binary());
+    cmd
+}
+
 /// The daemon binary under test.
 pub fn daemon_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mmproxy"))
