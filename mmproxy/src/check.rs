@@ -107,10 +107,12 @@ pub async fn routing(config: &Config) -> Vec<CheckLine> {
 const ADDED_AT_START: &str = "missing; --setup-routes adds it at start";
 
 /// Whether the BPF programs load; required only with `--mode ebpf`.
-pub fn bpf(config: &Config) -> CheckLine {
+/// `loads`: the outcome of loading them once (`Datapath::load`), shared
+/// with [`auto_tcp_path`].
+pub fn bpf(config: &Config, loads: &Result<(), String>) -> CheckLine {
     let required = config.mode == Mode::Ebpf;
-    match Datapath::load() {
-        Ok(_) => CheckLine {
+    match loads {
+        Ok(()) => CheckLine {
             passed: true,
             required,
             what: "BPF programs load (--mode ebpf is available)".to_owned(),
@@ -121,7 +123,7 @@ pub fn bpf(config: &Config) -> CheckLine {
             passed: false,
             required,
             what: "BPF programs load (--mode ebpf)".to_owned(),
-            why: Some(error_chain(&e)),
+            why: Some(e.clone()),
             fix: Some(
                 "run with CAP_BPF and CAP_NET_ADMIN on Linux 6.6+ with /sys/kernel/btf/vmlinux, \
                  or use --mode plain"
@@ -132,13 +134,12 @@ pub fn bpf(config: &Config) -> CheckLine {
 }
 
 /// Which TCP data path `--mode auto` takes here, and why not ebpf when it
-/// cannot. Never required.
-pub fn auto_tcp_path(config: &Config) -> Option<CheckLine> {
+/// cannot (`loads`: as for [`bpf`]). Never required.
+pub fn auto_tcp_path(config: &Config, loads: &Result<(), String>) -> Option<CheckLine> {
     if config.mode != Mode::Auto || !config.protocols.tcp {
         return None;
     }
-    let obstacle = crate::forward::auto_ebpf_obstacle()
-        .or_else(|| Datapath::load().err().map(|e| error_chain(&e)));
+    let obstacle = crate::forward::auto_ebpf_obstacle().or_else(|| loads.clone().err());
     Some(match obstacle {
         None => CheckLine {
             passed: true,
@@ -254,8 +255,10 @@ pub async fn all(config: &Config) -> Vec<CheckLine> {
         .iter()
         .any(|l| l.why.as_deref() == Some(ADDED_AT_START));
     lines.extend(backends(config, routing_pending).await);
-    lines.push(bpf(config));
-    lines.extend(auto_tcp_path(config));
+    // Loaded once for both lines (then detached): a load is tens of ms.
+    let loads = Datapath::load().map(drop).map_err(|e| error_chain(&e));
+    lines.push(bpf(config, &loads));
+    lines.extend(auto_tcp_path(config, &loads));
     lines.extend(udp_kernel_path(config));
     lines
 }
