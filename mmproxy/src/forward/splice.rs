@@ -103,20 +103,13 @@ impl SpliceForwarder {
             Side::Client,
             promotion.as_ref(),
         );
-        let result = until_both_end(up, down, Leg::bytes).await;
-        let result = match result {
-            Ok((Leg::Ended(up), Leg::Ended(down))) => Ok((up, down)),
-            Ok((up, down)) => {
-                return finish_on_bulk_workers(client, upstream, up, down, moved).await;
-            }
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok((up, down)) => {
+        match until_both_end(up, down, Leg::bytes).await {
+            Ok((Leg::Ended(up), Leg::Ended(down))) => {
                 moved.client_to_upstream += up;
                 moved.upstream_to_client += down;
                 Ok(moved)
             }
+            Ok((up, down)) => finish_on_bulk_workers(client, upstream, up, down, moved).await,
             Err((side, source, finished)) => {
                 mirror_failure(side, &client, &upstream);
                 moved.client_to_upstream += finished.client_to_upstream;
