@@ -19,12 +19,9 @@
 //! The main runtime's workers are then left with the connections that
 //! wait on each other's small messages, and sleep between them.
 
-use std::{
-    sync::{
-        OnceLock,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
+use std::sync::{
+    OnceLock,
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use tokio::{runtime::Runtime, sync::Notify};
@@ -47,43 +44,6 @@ pub(super) fn count_moved() {
 /// Connections moved to the bulk workers since start.
 pub(super) fn moved() -> u64 {
     MOVED.load(Ordering::Relaxed)
-}
-
-/// Connections on the bulk workers now.
-static ON_BULK: AtomicUsize = AtomicUsize::new(0);
-
-/// A connection on the bulk workers, until dropped. The last one out
-/// gives the heap back (`memory::release_free_heap`), at most once a
-/// second: the daemon's own reclaimer (`memory.rs`) waits for a burst of
-/// connections, and a few bulk transfers are not one, yet they leave
-/// freed memory in the bulk workers' malloc arenas (plain mode 5 MiB above
-/// its level before 20 concurrent 4 MiB echoes, once in a CI run).
-pub(super) struct OnBulk(());
-
-impl OnBulk {
-    pub(super) fn enter() -> Self {
-        ON_BULK.fetch_add(1, Ordering::Relaxed);
-        OnBulk(())
-    }
-}
-
-impl Drop for OnBulk {
-    fn drop(&mut self) {
-        const AT_MOST_EVERY: Duration = Duration::from_secs(1);
-        static LAST_TRIM: OnceLock<std::sync::Mutex<Option<Instant>>> = OnceLock::new();
-        if ON_BULK.fetch_sub(1, Ordering::Relaxed) != 1 {
-            return;
-        }
-        let mut last = LAST_TRIM
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if last.is_none_or(|at| at.elapsed() >= AT_MOST_EVERY) {
-            *last = Some(Instant::now());
-            // About 2 ms, on a bulk worker with nothing else to do.
-            crate::memory::release_free_heap();
-        }
-    }
 }
 
 /// The bulk runtime, started on the first promotion; `None` if it cannot

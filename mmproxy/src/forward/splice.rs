@@ -228,7 +228,6 @@ async fn finish_on_bulk_workers(
         (Err(e), _) | (_, Err(e)) => return Err(internal(e)),
     };
     let mut task = AbortOnDrop(bulk.spawn(async move {
-        let _on_bulk = bulk::OnBulk::enter();
         let registered = (TcpStream::from_std(client), TcpStream::from_std(upstream));
         let (client, upstream) = match registered {
             (Ok(c), Ok(u)) => (c, u),
